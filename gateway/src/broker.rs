@@ -1,0 +1,277 @@
+//! Broker plumbing: connection pools (consuming and publishing use separate connections), the
+//! topology of CONTRACT.md §1, and confirmed, pipelined publishing.
+
+use crate::config::Config;
+use anyhow::{Context as _, anyhow};
+use deadpool_lapin::{Pool, Runtime};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, ExchangeKind};
+use std::future::Future;
+use std::time::Duration;
+use trio_handlers::{OutboundMessage, SourceQueue};
+
+/// Inbound direct exchange.
+pub const INBOUND_EXCHANGE: &str = "trio.inbound";
+/// Outbound topic exchange.
+pub const OUTBOUND_EXCHANGE: &str = trio_handlers::outbound::OUTBOUND_EXCHANGE;
+/// Dead-letter fanout exchange.
+pub const DEAD_LETTER_EXCHANGE: &str = "trio.dlx";
+/// Dead-letter queue.
+pub const DEAD_LETTER_QUEUE: &str = "trio.dead";
+
+/// Runs a broker call with the configured time limit, so a dead channel cannot hang a worker.
+///
+/// # Errors
+/// The call's own error, or a timeout.
+pub async fn timed<T, E: std::error::Error + Send + Sync + 'static>(
+    limit: Duration,
+    what: &str,
+    call: impl Future<Output = Result<T, E>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result.with_context(|| format!("broker: {what}")),
+        Err(_) => Err(anyhow!("broker: {what} timed out after {limit:?}")),
+    }
+}
+
+/// A pool of broker connections named `name` (visible in the management UI).
+///
+/// # Errors
+/// When the pool cannot be built (never for a well-formed URL).
+pub fn pool(config: &Config, name: &str, size: usize) -> anyhow::Result<Pool> {
+    let cfg = deadpool_lapin::Config {
+        url: Some(config.amqp_url.expose().to_owned()),
+        pool: Some(deadpool_lapin::PoolConfig::new(size.max(1))),
+        connection_properties: lapin::ConnectionProperties::default()
+            .with_connection_name(LongString::from(format!("trio-gateway {name}"))),
+    };
+    cfg.create_pool(Some(Runtime::Tokio1))
+        .context("building the broker connection pool")
+}
+
+/// Opens a channel on a pooled connection.
+///
+/// # Errors
+/// Connection or channel failure, or timeout.
+pub async fn channel(pool: &Pool, limit: Duration) -> anyhow::Result<Channel> {
+    let conn = match tokio::time::timeout(limit, pool.get()).await {
+        Ok(conn) => conn.map_err(|e| anyhow!("broker: connecting: {e}"))?,
+        Err(_) => return Err(anyhow!("broker: connecting timed out after {limit:?}")),
+    };
+    timed(limit, "opening a channel", conn.create_channel()).await
+}
+
+/// Opens a channel in publisher-confirm mode.
+///
+/// # Errors
+/// Connection or channel failure, or timeout.
+pub async fn confirm_channel(pool: &Pool, limit: Duration) -> anyhow::Result<Channel> {
+    let channel = channel(pool, limit).await?;
+    timed(
+        limit,
+        "confirm.select",
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
+    Ok(channel)
+}
+
+fn quorum_args(dead_letter: bool, delivery_limit: u32) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    if dead_letter {
+        args.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString(LongString::from(DEAD_LETTER_EXCHANGE)),
+        );
+        args.insert(
+            ShortString::from("x-dead-letter-strategy"),
+            AMQPValue::LongString(LongString::from("at-least-once")),
+        );
+        // at-least-once dead-lettering requires reject-publish overflow
+        args.insert(
+            ShortString::from("x-overflow"),
+            AMQPValue::LongString(LongString::from("reject-publish")),
+        );
+        // RabbitMQ 3.10 has no default: a backstop above the gateway's own limit, for a message
+        // that kills the worker before it can be dead-lettered with its reason.
+        args.insert(
+            ShortString::from("x-delivery-limit"),
+            AMQPValue::LongLongInt(i64::from(delivery_limit) + 1),
+        );
+    }
+    args
+}
+
+/// Declares the whole topology, idempotently.
+///
+/// # Errors
+/// Broker failure, or an existing entity declared with other arguments.
+pub async fn declare_topology(channel: &Channel, config: &Config) -> anyhow::Result<()> {
+    let limit = config.broker_timeout;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for (name, kind) in [
+        (INBOUND_EXCHANGE, ExchangeKind::Direct),
+        (DEAD_LETTER_EXCHANGE, ExchangeKind::Fanout),
+    ] {
+        timed(
+            limit,
+            "exchange.declare",
+            channel.exchange_declare(name, kind, durable, FieldTable::default()),
+        )
+        .await?;
+    }
+    let queue_opts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    timed(
+        limit,
+        "queue.declare trio.dead",
+        channel.queue_declare(
+            DEAD_LETTER_QUEUE,
+            queue_opts,
+            quorum_args(false, config.delivery_limit),
+        ),
+    )
+    .await?;
+    timed(
+        limit,
+        "queue.bind trio.dead",
+        channel.queue_bind(
+            DEAD_LETTER_QUEUE,
+            DEAD_LETTER_EXCHANGE,
+            "",
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    for queue in SourceQueue::ALL {
+        let name = queue.queue_name();
+        timed(
+            limit,
+            "queue.declare inbound",
+            channel.queue_declare(&name, queue_opts, quorum_args(true, config.delivery_limit)),
+        )
+        .await?;
+        timed(
+            limit,
+            "queue.bind inbound",
+            channel.queue_bind(
+                &name,
+                INBOUND_EXCHANGE,
+                queue.routing_key(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+    }
+    // Declared last, so its existence tells partners (and tests) that the whole topology is in
+    // place: an inbound message published earlier could find no queue bound yet.
+    timed(
+        limit,
+        "exchange.declare trio.outbound",
+        channel.exchange_declare(
+            OUTBOUND_EXCHANGE,
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+/// How the broker answered one confirmed publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Routed and confirmed.
+    Confirmed,
+    /// Confirmed but returned as unroutable (`mandatory`): nobody is bound for it yet.
+    Returned,
+    /// Refused by the broker (e.g. a queue in reject-publish overflow).
+    Nacked,
+}
+
+/// The AMQP properties of an outbound message (persistent).
+pub fn properties_of(message: &OutboundMessage) -> BasicProperties {
+    let mut props = BasicProperties::default()
+        .with_message_id(ShortString::from(message.message_id.to_string()))
+        .with_type(ShortString::from(message.message_type.clone()))
+        .with_content_type(ShortString::from(message.content_type.clone()))
+        .with_delivery_mode(2)
+        .with_timestamp(unix_now());
+    if let Some(correlation) = &message.correlation_id {
+        props = props.with_correlation_id(ShortString::from(correlation.clone()));
+    }
+    if let Some(traceparent) = &message.traceparent {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("traceparent"),
+            AMQPValue::LongString(LongString::from(traceparent.clone())),
+        );
+        props = props.with_headers(headers);
+    }
+    props
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Publishes every message with `mandatory`, pipelined (all sent before any confirm is awaited),
+/// and returns how each was confirmed, in order.
+///
+/// # Errors
+/// A channel or connection failure: none of the results can be trusted; publish again.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    messages: &[(String, String, BasicProperties, &[u8])],
+    limit: Duration,
+) -> anyhow::Result<Vec<Published>> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let mut pending = Vec::with_capacity(messages.len());
+    for (exchange, routing_key, props, body) in messages {
+        let confirm = timed(
+            limit,
+            "basic.publish",
+            channel.basic_publish(exchange, routing_key, options, body, props.clone()),
+        )
+        .await?;
+        pending.push(confirm);
+    }
+    let confirmations = timed(
+        limit,
+        "awaiting publisher confirms",
+        futures::future::try_join_all(pending),
+    )
+    .await?;
+    Ok(confirmations
+        .into_iter()
+        .map(|c| match c {
+            Confirmation::Ack(Some(_)) => Published::Returned,
+            Confirmation::Ack(None) | Confirmation::NotRequested => Published::Confirmed,
+            Confirmation::Nack(_) => Published::Nacked,
+        })
+        .collect())
+}

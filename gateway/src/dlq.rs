@@ -1,0 +1,192 @@
+//! `trio-gateway dlq list | replay`: what is in `trio.dead`, and putting it back.
+//!
+//! Listing reads every dead letter without removing it (they return to the queue when the
+//! channel closes) and prints type, sender, error and time — never payload contents. Replaying
+//! re-publishes the chosen letters to `trio.inbound` with their original properties and routing
+//! key, then removes them from `trio.dead`. Because RabbitMQ checks `user_id` against the
+//! publishing user, replay must run as a broker user with the `impersonator` tag.
+
+use crate::broker::{self, INBOUND_EXCHANGE, Published};
+use crate::config::Config;
+use crate::dead_letter::read_header;
+use anyhow::bail;
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::{FieldTable, ShortString};
+use std::io::Write;
+
+/// One dead letter, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterInfo {
+    /// Original `message_id` (may be empty).
+    pub message_id: String,
+    /// Original `type`.
+    pub message_type: String,
+    /// Original `user_id`.
+    pub sender: String,
+    /// `x-trio-error` (or RabbitMQ's own reason for a broker dead letter).
+    pub error: String,
+    /// Inbound queue it came from.
+    pub queue: String,
+    /// When it was dead-lettered (Unix seconds), if known.
+    pub dead_at: Option<u64>,
+}
+
+fn info_of(delivery: &lapin::message::Delivery) -> DeadLetterInfo {
+    let props = &delivery.properties;
+    let headers = props.headers().clone().unwrap_or_default();
+    DeadLetterInfo {
+        message_id: props
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default(),
+        message_type: props
+            .kind()
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default(),
+        sender: props
+            .user_id()
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default(),
+        error: read_header(&headers, "x-trio-error")
+            .unwrap_or_else(|| "delivery_limit (broker)".to_owned()),
+        queue: read_header(&headers, "x-trio-queue")
+            .unwrap_or_else(|| delivery.routing_key.as_str().to_owned()),
+        dead_at: read_header(&headers, "x-trio-dead-at").and_then(|t| t.parse().ok()),
+    }
+}
+
+/// Reads up to `limit` dead letters without removing them.
+///
+/// # Errors
+/// Broker failures.
+pub async fn list(config: &Config, limit: usize) -> anyhow::Result<Vec<DeadLetterInfo>> {
+    let pool = broker::pool(config, "dlq", 1)?;
+    let channel = broker::channel(&pool, config.broker_timeout).await?;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let got = broker::timed(
+            config.broker_timeout,
+            "basic.get",
+            channel.basic_get(broker::DEAD_LETTER_QUEUE, BasicGetOptions { no_ack: false }),
+        )
+        .await?;
+        let Some(message) = got else { break };
+        out.push(info_of(&message.delivery));
+    }
+    let _ = channel.close(200, "listed").await;
+    Ok(out)
+}
+
+/// Prints dead letters as a table.
+///
+/// # Errors
+/// When stdout cannot be written.
+pub fn print(letters: &[DeadLetterInfo], out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<38} {:<22} {:<16} {:<12} {:<18} DEAD AT",
+        "MESSAGE ID", "TYPE", "SENDER", "QUEUE", "ERROR"
+    )?;
+    for l in letters {
+        let at = l
+            .dead_at
+            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(i64::try_from(t).ok()?).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "{:<38} {:<22} {:<16} {:<12} {:<18} {at}",
+            l.message_id, l.message_type, l.sender, l.queue, l.error
+        )?;
+    }
+    writeln!(out, "{} dead letter(s)", letters.len())
+}
+
+/// Which dead letters to replay.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// The one(s) with this `message_id`.
+    Id(String),
+    /// All of them.
+    All,
+}
+
+/// Re-publishes the selected dead letters to `trio.inbound` and removes them from `trio.dead`.
+/// Returns how many were replayed.
+///
+/// # Errors
+/// Broker failures; a letter whose re-publish is not confirmed stays in `trio.dead`.
+pub async fn replay(config: &Config, selection: &Selection) -> anyhow::Result<usize> {
+    let pool = broker::pool(config, "dlq", 2)?;
+    let channel = broker::channel(&pool, config.broker_timeout).await?;
+    let publisher = broker::confirm_channel(&pool, config.broker_timeout).await?;
+    let mut replayed = 0;
+    let mut seen = 0usize;
+    loop {
+        let got = broker::timed(
+            config.broker_timeout,
+            "basic.get",
+            channel.basic_get(broker::DEAD_LETTER_QUEUE, BasicGetOptions { no_ack: false }),
+        )
+        .await?;
+        let Some(message) = got else { break };
+        seen += 1;
+        let delivery = message.delivery;
+        let info = info_of(&delivery);
+        let chosen = match selection {
+            Selection::All => true,
+            Selection::Id(id) => info.message_id == *id,
+        };
+        if !chosen {
+            continue;
+        }
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let kept: FieldTable = {
+            let mut t = FieldTable::default();
+            for (k, v) in headers.inner() {
+                let name = k.as_str();
+                if !name.starts_with("x-trio-")
+                    && !name.starts_with("x-death")
+                    && name != "x-delivery-count"
+                {
+                    t.insert(ShortString::from(name.to_owned()), v.clone());
+                }
+            }
+            t
+        };
+        headers = kept;
+        let props = delivery.properties.clone().with_headers(headers);
+        let results = broker::publish_confirmed(
+            &publisher,
+            &[(
+                INBOUND_EXCHANGE.to_owned(),
+                info.queue.clone(),
+                props,
+                delivery.data.as_slice(),
+            )],
+            config.broker_timeout,
+        )
+        .await?;
+        if results.first() != Some(&Published::Confirmed) {
+            bail!("replay of {} was not routed ({results:?})", info.message_id);
+        }
+        broker::timed(
+            config.broker_timeout,
+            "basic.ack",
+            channel.basic_ack(delivery.delivery_tag, BasicAckOptions::default()),
+        )
+        .await?;
+        replayed += 1;
+        if seen > 1_000_000 {
+            break;
+        }
+    }
+    let _ = channel.close(200, "replayed").await;
+    Ok(replayed)
+}

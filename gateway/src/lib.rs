@@ -1,0 +1,47 @@
+//! # TRIO gateway runtime
+//!
+//! The message-driven back end of Belgium's TRIO platform. The flow of one message, with the
+//! module that owns each step:
+//!
+//! ```text
+//! consume ([`worker`]) → read envelope ([`envelope`]; unreadable → [`dead_letter`])
+//!   → decode (trio-schemas) → authenticate, validate, pseudonymise, authorise, apply + outbox
+//!     in one transaction per batch (trio-handlers) → ack (multiple) → publish with confirms
+//!     ([`relay`])
+//! ```
+//!
+//! - [`config`]: `TRIO_*` environment settings;
+//! - [`broker`]: connection pools, topology, confirmed publishing;
+//! - [`serve`]: assembling workers and relays, graceful shutdown;
+//! - [`admin`]: broker users and virtual hosts through the management API (demo, benchmark,
+//!   tests);
+//! - [`demo`]: an end-to-end scenario for newcomers;
+//! - [`dlq`]: listing and replaying dead letters;
+//! - [`partner`]: a minimal partner client (demo, benchmark, tests).
+
+pub mod admin;
+pub mod broker;
+pub mod config;
+pub mod dead_letter;
+pub mod demo;
+pub mod dlq;
+pub mod envelope;
+pub mod partner;
+pub mod relay;
+pub mod serve;
+pub mod worker;
+
+pub use config::Config;
+pub use serve::serve;
+
+/// Installs the log subscriber: human-readable lines on stderr, level from `RUST_LOG`
+/// (default `info`). Logs carry pseudonyms and codes, never a NISS or a payload.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,lapin::returned_messages=error")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

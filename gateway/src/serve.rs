@@ -1,0 +1,206 @@
+//! `serve`: migrations, topology, workers and relays, until the shutdown future completes.
+//!
+//! Shutdown: stop taking messages (workers finish their batch in flight; prefetched deliveries
+//! return to the queue when the channel closes), then the relays drain what the workers handed
+//! them and await its confirms, then return. Anything not yet published stays committed in the
+//! outbox for the next start.
+
+use crate::broker;
+use crate::config::Config;
+use crate::relay::{self, RelayDeps};
+use crate::worker::{self, WorkerDeps, backoff};
+use anyhow::Context as _;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use trio_handlers::Context;
+use trio_pseudo::Pseudonymiser;
+
+/// How long the relays may keep trying to publish after shutdown was asked.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Connects to PostgreSQL, retrying with backoff until `give_up` (forever when `None`).
+///
+/// # Errors
+/// When the URL is malformed, or the database stays unreachable past `give_up`.
+pub async fn connect_db(config: &Config, give_up: Option<Duration>) -> anyhow::Result<PgPool> {
+    let started = tokio::time::Instant::now();
+    let mut delays = backoff();
+    loop {
+        let attempt = PgPoolOptions::new()
+            .max_connections(config.db_pool_size)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(config.database_url.expose())
+            .await;
+        match attempt {
+            Ok(pool) => return Ok(pool),
+            Err(e) if trio_handlers::batch::is_transient(&e) => {
+                if give_up.is_some_and(|limit| started.elapsed() > limit) {
+                    return Err(e).context("connecting to PostgreSQL");
+                }
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                warn!(error = %e, ?delay, "PostgreSQL unreachable; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e).context("connecting to PostgreSQL"),
+        }
+    }
+}
+
+/// Creates the configured database when it does not exist yet (first run on a new server).
+///
+/// # Errors
+/// When PostgreSQL is unreachable or refuses.
+pub async fn ensure_database(config: &Config) -> anyhow::Result<()> {
+    use sqlx::migrate::MigrateDatabase;
+    let url = config.database_url.expose();
+    if !sqlx::Postgres::database_exists(url).await.unwrap_or(false) {
+        sqlx::Postgres::create_database(url)
+            .await
+            .context("creating the database")?;
+    }
+    Ok(())
+}
+
+/// Applies pending migrations.
+///
+/// # Errors
+/// When a migration fails.
+pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
+    trio_handlers::MIGRATOR
+        .run(db)
+        .await
+        .context("applying database migrations")
+}
+
+/// Declares the topology, retrying with backoff while the broker is unreachable.
+///
+/// # Errors
+/// When the broker refuses the declaration itself (e.g. incompatible existing queues).
+pub async fn declare(config: &Config, pool: &deadpool_lapin::Pool) -> anyhow::Result<()> {
+    let mut delays = backoff();
+    for attempt in 1.. {
+        let result = async {
+            let channel = broker::channel(pool, config.broker_timeout).await?;
+            broker::declare_topology(&channel, config).await?;
+            let _ = channel.close(200, "declared").await;
+            anyhow::Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt >= 60 => return Err(e),
+            Err(e) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                warn!(error = %format!("{e:#}"), ?delay, "declaring the topology failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the gateway until `shutdown` completes.
+///
+/// # Errors
+/// Start-up failures (database, migrations, topology); once running, failures are retried.
+pub async fn serve(
+    config: Config,
+    pseudonymiser: Arc<dyn Pseudonymiser>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    if let Err(e) = ensure_database(&config).await {
+        warn!(error = %format!("{e:#}"), "could not check that the database exists; connecting anyway");
+    }
+    let db = connect_db(&config, None).await?;
+    migrate(&db).await?;
+    let consume_pool = broker::pool(&config, "consume", config.workers)?;
+    let publish_pool = broker::pool(&config, "publish", config.relays + config.workers + 1)?;
+    declare(&config, &consume_pool).await?;
+
+    let stop_consuming = CancellationToken::new();
+    let hard_stop = CancellationToken::new();
+    let (relay_tx, relay_rx) = mpsc::channel(config.workers * 2);
+    let relay_rx = Arc::new(Mutex::new(relay_rx));
+    let relay_deps = RelayDeps {
+        db: db.clone(),
+        publish_pool: publish_pool.clone(),
+        broker_timeout: config.broker_timeout,
+        hard_stop: hard_stop.clone(),
+    };
+    let relays: Vec<_> = (0..config.relays)
+        .map(|_| tokio::spawn(relay::run(relay_deps.clone(), relay_rx.clone())))
+        .collect();
+    let sweeper = tokio::spawn(relay::sweep(relay_deps, stop_consuming.clone()));
+
+    let ctx = Context::new(db.clone(), pseudonymiser, config.operator_users.clone());
+    let deps = WorkerDeps {
+        config: config.clone(),
+        ctx,
+        consume_pool,
+        publish_pool,
+        relay: relay_tx,
+        shutdown: stop_consuming.clone(),
+    };
+    let workers: Vec<_> = (0..config.workers)
+        .map(|id| tokio::spawn(worker::run(id, deps.clone())))
+        .collect();
+    drop(deps);
+    info!(
+        workers = config.workers,
+        batch_size = config.batch_size,
+        "trio-gateway serving"
+    );
+
+    shutdown.await;
+    info!("shutdown requested: finishing in-flight batches");
+    stop_consuming.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
+    let grace = tokio::spawn({
+        let hard_stop = hard_stop.clone();
+        async move {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            hard_stop.cancel();
+        }
+    });
+    for r in relays {
+        let _ = r.await;
+    }
+    let _ = sweeper.await;
+    grace.abort();
+    db.close().await;
+    info!("trio-gateway stopped");
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

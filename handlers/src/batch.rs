@@ -1,0 +1,459 @@
+//! One batch of inbound messages, one transaction.
+//!
+//! 1. **prepare** (no locks held): parse each NISS, pseudonymise them all at once (cached, so no
+//!    P-521 work for an insured already seen), and get their in-transit forms;
+//! 2. **lock**: PostgreSQL transaction-scoped advisory locks on every insured and idempotency key
+//!    of the batch, taken in sorted order (so concurrent batches and processes never deadlock and
+//!    never apply two messages for one insured in overlapping transactions);
+//! 3. **load** the batch's view of the database ([`State`]);
+//! 4. **apply** each message in delivery order: duplicate check, sender authentication, the
+//!    message type's handler; outcome, reply and events recorded in memory;
+//! 5. **flush** with one statement per table, and **commit**. The caller acks after this returns.
+
+use crate::context::Context;
+use crate::inbound::{Inbound, SourceQueue};
+use crate::messages::{self, Decision, HandlerBug, Pseudonyms, Sender};
+use crate::outbound::{self, OutboundMessage};
+use crate::outcome::{Outcome, RejectCode, Rejection};
+use crate::state::{Needs, State};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeSet, HashMap};
+use trio_pseudo::{AtRest, Niss};
+use trio_schemas::{Message, OrgKind, RawNiss, Relation};
+
+/// What a committed batch produced.
+#[derive(Debug)]
+pub struct BatchResult {
+    /// One outcome per inbound message, in batch order.
+    pub outcomes: Vec<Outcome>,
+    /// Replies and events committed in the outbox, to publish now.
+    pub outbox: Vec<OutboundMessage>,
+}
+
+/// Why a batch was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The database is unreachable, restarting, or a lock conflict was detected: retry the same
+    /// batch later; never dead-letter for this.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// A bug or an unexpected database error: retry message by message to isolate the culprit.
+    #[error("failed: {0}")]
+    Failed(String),
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(e: sqlx::Error) -> Self {
+        if is_transient(&e) {
+            BatchError::Transient(e.to_string())
+        } else {
+            BatchError::Failed(e.to_string())
+        }
+    }
+}
+
+impl From<HandlerBug> for BatchError {
+    fn from(e: HandlerBug) -> Self {
+        BatchError::Failed(e.to_string())
+    }
+}
+
+/// Connection loss, server shutdown, serialization failure or deadlock: worth retrying as is.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "40001"
+                || code == "40P01"
+                || code == "55P03"
+        }),
+        _ => false,
+    }
+}
+
+/// The NISS fields of a message, in a fixed order.
+fn niss_fields(message: &Message) -> Vec<&RawNiss> {
+    match message {
+        Message::OrganisationUpsert(_) => vec![],
+        Message::DossierOpen(m) => vec![&m.niss],
+        Message::TrajetUpsert(m) => vec![&m.niss],
+        Message::RelationSet(m) => relation_niss(&m.relation),
+        Message::RelationUnset(m) => relation_niss(&m.relation),
+    }
+}
+
+fn relation_niss(relation: &Relation) -> Vec<&RawNiss> {
+    match relation {
+        Relation::InsuredOa { niss, .. }
+        | Relation::InsuredEmployer { niss, .. }
+        | Relation::InsuredGp { niss, .. }
+        | Relation::InsuredRp { niss, .. }
+        | Relation::InsuredDeceased { niss, .. } => vec![niss],
+        Relation::EmployerSepp { .. } => vec![],
+        Relation::NissReplaced { old_niss, new_niss } => vec![old_niss, new_niss],
+    }
+}
+
+/// Per message: its at-rest pseudonyms, or why its NISS is invalid.
+type Prepared = Vec<Result<Vec<String>, Rejection>>;
+
+/// Step 1: NISS parsing and pseudonymisation, outside the transaction.
+async fn prepare(
+    ctx: &Context,
+    batch: &[Inbound],
+) -> Result<(Prepared, HashMap<String, String>), BatchError> {
+    let mut all: Vec<Niss> = Vec::new();
+    let mut per_message: Vec<Result<std::ops::Range<usize>, Rejection>> = Vec::new();
+    for inbound in batch {
+        let fields = match &inbound.payload {
+            Ok(message) => niss_fields(message),
+            Err(_) => vec![],
+        };
+        let start = all.len();
+        let parsed: Result<Vec<Niss>, Rejection> = fields
+            .iter()
+            .map(|raw| {
+                Niss::parse(raw.expose()).map_err(|e| {
+                    Rejection::new(RejectCode::InvalidNiss, format!("invalid NISS: {e}"))
+                })
+            })
+            .collect();
+        match parsed {
+            Ok(nisses) => {
+                all.extend(nisses);
+                per_message.push(Ok(start..all.len()));
+            }
+            Err(r) => per_message.push(Err(r)),
+        }
+    }
+    let at_rest: Vec<AtRest> = ctx
+        .pseudonymiser
+        .at_rest(&all)
+        .await
+        .map_err(|e| BatchError::Failed(format!("pseudonymisation: {e}")))?;
+    let in_transit = in_transit_map(ctx, at_rest.iter().cloned().collect()).await?;
+    let prepared = per_message
+        .into_iter()
+        .map(|r| {
+            r.map(|range| {
+                at_rest[range]
+                    .iter()
+                    .map(|p| p.as_str().to_owned())
+                    .collect()
+            })
+        })
+        .collect();
+    Ok((prepared, in_transit))
+}
+
+async fn in_transit_map(
+    ctx: &Context,
+    pseudonyms: BTreeSet<AtRest>,
+) -> Result<HashMap<String, String>, BatchError> {
+    let pseudonyms: Vec<AtRest> = pseudonyms.into_iter().collect();
+    let forms = ctx
+        .pseudonymiser
+        .in_transit(&pseudonyms)
+        .await
+        .map_err(|e| BatchError::Failed(format!("pseudonymisation: {e}")))?;
+    Ok(pseudonyms
+        .into_iter()
+        .zip(forms)
+        .map(|(p, t)| (p.into_string(), t.into_string()))
+        .collect())
+}
+
+/// A 64-bit advisory-lock key for a string (first 8 bytes of its SHA-256).
+fn lock_key(domain: &str, value: &str) -> i64 {
+    let digest = Sha256::new()
+        .chain_update(domain.as_bytes())
+        .chain_update([0u8])
+        .chain_update(value.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(bytes)
+}
+
+/// What to lock and load for this batch.
+fn needs(batch: &[Inbound], prepared: &Prepared) -> (Needs, Vec<i64>) {
+    let mut needs = Needs::default();
+    let mut locks = BTreeSet::new();
+    for (inbound, pseudonyms) in batch.iter().zip(prepared) {
+        let sender = inbound.sender_key().to_owned();
+        locks.insert(lock_key(
+            "inbox",
+            &format!("{sender}\n{}", inbound.message_id),
+        ));
+        needs
+            .inbox_keys
+            .insert((sender.clone(), inbound.message_id.clone()));
+        if !sender.is_empty() {
+            needs.broker_users.insert(sender);
+        }
+        if let Ok(pseudonyms) = pseudonyms {
+            for p in pseudonyms {
+                locks.insert(lock_key("insured", p));
+                needs.pseudonyms.insert(p.clone());
+            }
+        }
+        let Ok(message) = &inbound.payload else {
+            continue;
+        };
+        match message {
+            Message::OrganisationUpsert(m) => {
+                needs.broker_users.insert(m.broker_user.clone());
+                needs.orgs.insert((m.kind, m.id.clone()));
+                locks.insert(lock_key("broker_user", &m.broker_user));
+                locks.insert(lock_key("org", &format!("{}.{}", m.kind.as_str(), m.id)));
+            }
+            Message::RelationSet(trio_schemas::RelationSet { relation, .. })
+            | Message::RelationUnset(trio_schemas::RelationUnset { relation }) => match relation {
+                Relation::InsuredEmployer { employer, .. } => {
+                    needs.employers.insert(employer.clone());
+                }
+                Relation::EmployerSepp { employer, sepp } => {
+                    needs.employers.insert(employer.clone());
+                    needs.orgs.insert((OrgKind::Sepp, sepp.clone()));
+                    locks.insert(lock_key("employer", employer));
+                }
+                Relation::InsuredOa { oa, .. } => {
+                    needs.orgs.insert((OrgKind::Oa, oa.clone()));
+                }
+                Relation::InsuredGp { gp, .. } => {
+                    needs.orgs.insert((OrgKind::Gp, gp.clone()));
+                }
+                Relation::InsuredRp { rp, .. } => {
+                    needs.orgs.insert((OrgKind::Rp, rp.clone()));
+                }
+                Relation::InsuredDeceased { .. } | Relation::NissReplaced { .. } => {}
+            },
+            Message::DossierOpen(_) | Message::TrajetUpsert(_) => {
+                needs.max_new_dossiers += 1;
+            }
+        }
+    }
+    (needs, locks.into_iter().collect())
+}
+
+/// Processes a batch in one transaction and returns what to ack and publish.
+///
+/// # Errors
+/// [`BatchError::Transient`] when the database is unavailable (retry the batch as is),
+/// [`BatchError::Failed`] for anything else (retry message by message).
+pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResult, BatchError> {
+    let (prepared, mut in_transit) = prepare(ctx, batch).await?;
+    let (needs, locks) = needs(batch, &prepared);
+
+    let mut tx = ctx.pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(k) FROM UNNEST($1::bigint[]) AS k")
+        .bind(&locks)
+        .execute(&mut *tx)
+        .await?;
+    let mut state = State::load(&mut tx, &needs).await?;
+
+    // A NISS replaced earlier resolves to its successor: lock it and get its in-transit form too.
+    let redirected: BTreeSet<String> = needs
+        .pseudonyms
+        .iter()
+        .map(|p| state.resolve(p))
+        .filter(|p| !needs.pseudonyms.contains(p))
+        .collect();
+    if !redirected.is_empty() {
+        let keys: Vec<i64> = redirected.iter().map(|p| lock_key("insured", p)).collect();
+        sqlx::query("SELECT pg_advisory_xact_lock(k) FROM UNNEST($1::bigint[]) AS k")
+            .bind(&keys)
+            .execute(&mut *tx)
+            .await?;
+        let at_rest = redirected
+            .into_iter()
+            .filter_map(|p| AtRest::from_stored(p).ok())
+            .collect();
+        in_transit.extend(in_transit_map(ctx, at_rest).await?);
+    }
+
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (inbound, pseudonyms) in batch.iter().zip(&prepared) {
+        let outcome = apply_one(ctx, &mut state, inbound, pseudonyms, &in_transit)?;
+        outcomes.push(outcome);
+    }
+    state.flush(&mut tx).await?;
+    tx.commit().await?;
+    Ok(BatchResult {
+        outcomes,
+        outbox: std::mem::take(&mut state.outbox),
+    })
+}
+
+/// Step 4 for one message.
+fn apply_one(
+    ctx: &Context,
+    state: &mut State,
+    inbound: &Inbound,
+    pseudonyms: &Result<Vec<String>, Rejection>,
+    in_transit: &HashMap<String, String>,
+) -> Result<Outcome, HandlerBug> {
+    let sender_key = inbound.sender_key();
+    if let Some(first) = state.recorded_outcome(sender_key, &inbound.message_id) {
+        let outcome = Outcome::duplicate_of(first);
+        push_reply(state, inbound, &outcome);
+        return Ok(outcome);
+    }
+    let decision = decide(ctx, state, inbound, pseudonyms, in_transit)?;
+    let (outcome, dossier) = match decision {
+        Decision::Done(outcome, dossier) => (outcome, dossier),
+        Decision::Rejected(rejection) => (Outcome::rejected(rejection), None),
+    };
+    state.record_outcome(
+        sender_key,
+        &inbound.message_id,
+        inbound.message_type.as_str(),
+        &outcome,
+        dossier,
+    );
+    push_reply(state, inbound, &outcome);
+    Ok(outcome)
+}
+
+fn push_reply(state: &mut State, inbound: &Inbound, outcome: &Outcome) {
+    if let Some(reply_to) = &inbound.reply_to {
+        state.outbox.push(outbound::reply(
+            inbound.sender_key(),
+            &inbound.message_id,
+            reply_to,
+            outcome.status.as_str(),
+            &outcome.reply_body(),
+            inbound.traceparent.as_deref(),
+        ));
+    }
+}
+
+fn decide(
+    ctx: &Context,
+    state: &mut State,
+    inbound: &Inbound,
+    pseudonyms: &Result<Vec<String>, Rejection>,
+    in_transit: &HashMap<String, String>,
+) -> Result<Decision, HandlerBug> {
+    let sender = match authenticate(ctx, state, inbound) {
+        Ok(sender) => sender,
+        Err(rejection) => return Ok(Decision::Rejected(rejection)),
+    };
+    let message = match &inbound.payload {
+        Ok(message) => message,
+        Err(detail) => {
+            return Ok(Decision::Rejected(Rejection::new(
+                RejectCode::InvalidPayload,
+                detail.clone(),
+            )));
+        }
+    };
+    let at_rest = match pseudonyms {
+        Ok(p) => p.as_slice(),
+        Err(rejection) => return Ok(Decision::Rejected(rejection.clone())),
+    };
+    let p = Pseudonyms {
+        at_rest,
+        in_transit,
+    };
+    let cause = (inbound.sender_key(), inbound.message_id.as_str());
+    match message {
+        Message::OrganisationUpsert(m) => messages::organisation_upsert::handle(state, m),
+        Message::RelationSet(m) => messages::relation::set(
+            state,
+            &sender,
+            &m.relation,
+            m.valid_until,
+            ctx.relation_ttl,
+            &p,
+        ),
+        Message::RelationUnset(m) => messages::relation::unset(state, &m.relation, &p),
+        Message::DossierOpen(_) => messages::dossier_open::handle(state, &sender, &p),
+        Message::TrajetUpsert(m) => messages::trajet_upsert::handle(
+            state,
+            &sender,
+            m,
+            &p,
+            cause,
+            inbound.traceparent.as_deref(),
+        ),
+    }
+}
+
+/// CONTRACT.md §2: the sender is the broker-validated `user_id`; the organisation's kind must
+/// match the queue; operator-only types come from operators on `reference`.
+fn authenticate(ctx: &Context, state: &State, inbound: &Inbound) -> Result<Sender, Rejection> {
+    let Some(user) = inbound.user_id.as_deref() else {
+        return Err(Rejection::new(
+            RejectCode::Unauthenticated,
+            "the message has no user_id",
+        ));
+    };
+    let message_type = inbound.message_type;
+    match inbound.queue {
+        SourceQueue::Reference => {
+            if !ctx.operators.contains(user) {
+                return Err(if state.org_by_user(user).is_some() {
+                    Rejection::new(
+                        RejectCode::Forbidden,
+                        "only operators may publish on the reference queue",
+                    )
+                } else {
+                    Rejection::new(RejectCode::Unauthenticated, "unknown broker user")
+                });
+            }
+            if !message_type.is_operator_only() {
+                return Err(Rejection::new(
+                    RejectCode::Forbidden,
+                    format!("{message_type} is not reference data"),
+                ));
+            }
+            Ok(Sender::Operator(user.to_owned()))
+        }
+        queue => {
+            let Some(org) = state.org_by_user(user) else {
+                return Err(Rejection::new(
+                    RejectCode::Unauthenticated,
+                    "unknown broker user",
+                ));
+            };
+            if queue.org_kind() != Some(org.kind) {
+                return Err(Rejection::new(
+                    RejectCode::Forbidden,
+                    format!(
+                        "a {} organisation may not publish on trio.inbound.{}",
+                        org.kind.as_str(),
+                        queue.routing_key()
+                    ),
+                ));
+            }
+            if message_type.is_operator_only() {
+                return Err(Rejection::new(
+                    RejectCode::Forbidden,
+                    format!("{message_type} is for operators only"),
+                ));
+            }
+            Ok(Sender::Org(org.clone()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_keys_are_stable_and_separate_domains() {
+        assert_eq!(lock_key("insured", "abc"), lock_key("insured", "abc"));
+        assert_ne!(lock_key("insured", "abc"), lock_key("inbox", "abc"));
+        assert_ne!(lock_key("insured", "abc"), lock_key("insured", "abd"));
+    }
+}

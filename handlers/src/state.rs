@@ -1,0 +1,1127 @@
+//! The batch's view of the database.
+//!
+//! A batch is loaded with one query per table (every row its messages can touch), changed in
+//! memory by the handlers in delivery order — so a later message sees an earlier one's effects —
+//! and written back with one multi-row `UNNEST` statement per table. The number of round trips
+//! per batch is therefore fixed, whatever the batch size: this is what lets one transaction carry
+//! a hundred messages.
+
+use crate::outbound::OutboundMessage;
+use crate::outcome::{Outcome, Status};
+use sqlx::{PgConnection, Row};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use time::{Date, OffsetDateTime};
+use trio_schemas::{Consent, Format, OrgKind, TrajetType};
+
+/// `(kind, id)` of an organisation.
+pub(crate) type OrgKey = (OrgKind, String);
+
+/// A registered organisation.
+#[derive(Debug, Clone)]
+pub(crate) struct Org {
+    pub kind: OrgKind,
+    pub id: String,
+    pub name: String,
+    pub broker_user: String,
+    pub format: Format,
+}
+
+impl Org {
+    pub(crate) fn key(&self) -> OrgKey {
+        (self.kind, self.id.clone())
+    }
+}
+
+/// Facts about an insured that are not access rights.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InsuredFacts {
+    pub died_on: Option<Date>,
+    pub replaced_by: Option<String>,
+}
+
+/// The kind of organisation an insured is related to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum RelKind {
+    Oa,
+    Employer,
+    Gp,
+    Rp,
+}
+
+impl RelKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Oa => "oa",
+            Self::Employer => "employer",
+            Self::Gp => "gp",
+            Self::Rp => "rp",
+        }
+    }
+
+    fn parse(code: &str) -> Option<Self> {
+        match code {
+            "oa" => Some(Self::Oa),
+            "employer" => Some(Self::Employer),
+            "gp" => Some(Self::Gp),
+            "rp" => Some(Self::Rp),
+            _ => None,
+        }
+    }
+}
+
+/// A communication dossier.
+#[derive(Debug, Clone)]
+pub(crate) struct Dossier {
+    pub id: i64,
+    pub number: String,
+    pub pseudonym: String,
+    pub merged_into: Option<i64>,
+}
+
+/// A trajet's identity: its owner and the owner's reference.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct TrajetKey {
+    pub owner_kind: OrgKind,
+    pub owner_id: String,
+    pub reference: String,
+}
+
+/// A trajet's state.
+#[derive(Debug, Clone)]
+pub(crate) struct TrajetRow {
+    pub dossier_id: i64,
+    pub trajet_type: TrajetType,
+    pub status: String,
+    pub version: i64,
+    pub request_received_on: Option<Date>,
+    pub start_on: Option<Date>,
+    pub end_on: Option<Date>,
+    pub consent: Option<Consent>,
+}
+
+/// One history line.
+#[derive(Debug, Clone)]
+pub(crate) struct HistoryRow {
+    pub dossier_id: i64,
+    pub actor: OrgKey,
+    pub resource: &'static str,
+    pub operation: &'static str,
+    pub detail: serde_json::Value,
+}
+
+/// One inbox (outcome) line.
+#[derive(Debug, Clone)]
+struct InboxRow {
+    sender: String,
+    message_id: String,
+    message_type: &'static str,
+    outcome: Outcome,
+    dossier_id: Option<i64>,
+}
+
+/// A change to existing dossier rows that is not a plain upsert (NISS replacement).
+#[derive(Debug, Clone)]
+enum DossierOp {
+    /// Move every history line of one dossier to another.
+    MoveHistory { from: i64, into: i64 },
+}
+
+/// What a batch needs loaded.
+#[derive(Debug, Default)]
+pub(crate) struct Needs {
+    pub broker_users: BTreeSet<String>,
+    pub orgs: BTreeSet<OrgKey>,
+    pub pseudonyms: BTreeSet<String>,
+    pub employers: BTreeSet<String>,
+    pub inbox_keys: BTreeSet<(String, String)>,
+    /// How many dossiers the batch may create (ids are allocated up front).
+    pub max_new_dossiers: usize,
+}
+
+/// The in-memory view of one batch, with its pending writes.
+pub(crate) struct State {
+    pub now: OffsetDateTime,
+    orgs: HashMap<OrgKey, Org>,
+    org_by_user: HashMap<String, OrgKey>,
+    insured: HashMap<String, InsuredFacts>,
+    relations: HashMap<String, HashMap<(RelKind, String), OffsetDateTime>>,
+    employer_sepp: HashMap<String, HashMap<String, OffsetDateTime>>,
+    dossiers: HashMap<i64, Dossier>,
+    dossier_by_pseudonym: HashMap<String, i64>,
+    trajets: HashMap<TrajetKey, TrajetRow>,
+    inbox: HashMap<(String, String), Outcome>,
+    spare_dossier_ids: Vec<i64>,
+
+    dirty_orgs: BTreeSet<OrgKey>,
+    dirty_insured: BTreeSet<String>,
+    dirty_relations: BTreeSet<(String, RelKind, String)>,
+    dirty_employer_sepp: BTreeSet<(String, String)>,
+    dirty_dossiers: BTreeSet<i64>,
+    dossier_ops: Vec<DossierOp>,
+    dirty_trajets: HashSet<TrajetKey>,
+    history: Vec<HistoryRow>,
+    new_inbox: Vec<InboxRow>,
+    /// Replies and events to publish once the transaction commits.
+    pub outbox: Vec<OutboundMessage>,
+}
+
+impl State {
+    /// Loads everything `needs` names, inside the batch transaction (after its locks).
+    pub(crate) async fn load(conn: &mut PgConnection, needs: &Needs) -> sqlx::Result<State> {
+        let now: OffsetDateTime = sqlx::query_scalar("SELECT now()")
+            .fetch_one(&mut *conn)
+            .await?;
+        let mut state = State {
+            now,
+            orgs: HashMap::new(),
+            org_by_user: HashMap::new(),
+            insured: HashMap::new(),
+            relations: HashMap::new(),
+            employer_sepp: HashMap::new(),
+            dossiers: HashMap::new(),
+            dossier_by_pseudonym: HashMap::new(),
+            trajets: HashMap::new(),
+            inbox: HashMap::new(),
+            spare_dossier_ids: Vec::new(),
+            dirty_orgs: BTreeSet::new(),
+            dirty_insured: BTreeSet::new(),
+            dirty_relations: BTreeSet::new(),
+            dirty_employer_sepp: BTreeSet::new(),
+            dirty_dossiers: BTreeSet::new(),
+            dossier_ops: Vec::new(),
+            dirty_trajets: HashSet::new(),
+            history: Vec::new(),
+            new_inbox: Vec::new(),
+            outbox: Vec::new(),
+        };
+
+        // Insured facts first: a replaced NISS redirects to its successor, which is loaded too.
+        let mut pseudonyms: Vec<String> = needs.pseudonyms.iter().cloned().collect();
+        let mut pending = pseudonyms.clone();
+        for _ in 0..4 {
+            if pending.is_empty() {
+                break;
+            }
+            let rows = sqlx::query(
+                "SELECT pseudonym, died_on, replaced_by FROM insured WHERE pseudonym = ANY($1)",
+            )
+            .bind(&pending)
+            .fetch_all(&mut *conn)
+            .await?;
+            pending.clear();
+            for row in rows {
+                let facts = InsuredFacts {
+                    died_on: row.try_get("died_on")?,
+                    replaced_by: row.try_get("replaced_by")?,
+                };
+                if let Some(next) = &facts.replaced_by
+                    && !pseudonyms.contains(next)
+                {
+                    pseudonyms.push(next.clone());
+                    pending.push(next.clone());
+                }
+                state.insured.insert(row.try_get("pseudonym")?, facts);
+            }
+        }
+
+        let rows = sqlx::query(
+            "SELECT pseudonym, org_kind, org_id, valid_until FROM insured_relation \
+             WHERE pseudonym = ANY($1) AND valid_until > now()",
+        )
+        .bind(&pseudonyms)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut employers: BTreeSet<String> = needs.employers.clone();
+        let mut org_keys: BTreeSet<OrgKey> = needs.orgs.clone();
+        for row in rows {
+            let kind_code: String = row.try_get("org_kind")?;
+            let Some(kind) = RelKind::parse(&kind_code) else {
+                continue;
+            };
+            let org_id: String = row.try_get("org_id")?;
+            match kind {
+                RelKind::Employer => {
+                    employers.insert(org_id.clone());
+                }
+                RelKind::Oa => {
+                    org_keys.insert((OrgKind::Oa, org_id.clone()));
+                }
+                RelKind::Gp => {
+                    org_keys.insert((OrgKind::Gp, org_id.clone()));
+                }
+                RelKind::Rp => {
+                    org_keys.insert((OrgKind::Rp, org_id.clone()));
+                }
+            }
+            state
+                .relations
+                .entry(row.try_get("pseudonym")?)
+                .or_default()
+                .insert((kind, org_id), row.try_get("valid_until")?);
+        }
+
+        let employers: Vec<String> = employers.into_iter().collect();
+        let rows = sqlx::query(
+            "SELECT employer, sepp, valid_until FROM employer_sepp \
+             WHERE employer = ANY($1) AND valid_until > now()",
+        )
+        .bind(&employers)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            let sepp: String = row.try_get("sepp")?;
+            org_keys.insert((OrgKind::Sepp, sepp.clone()));
+            state
+                .employer_sepp
+                .entry(row.try_get("employer")?)
+                .or_default()
+                .insert(sepp, row.try_get("valid_until")?);
+        }
+
+        let users: Vec<String> = needs.broker_users.iter().cloned().collect();
+        let (kinds, ids): (Vec<String>, Vec<String>) = org_keys
+            .iter()
+            .map(|(k, id)| (k.as_str().to_owned(), id.clone()))
+            .unzip();
+        let rows = sqlx::query(
+            "SELECT kind, id, name, broker_user, format FROM organisation \
+             WHERE broker_user = ANY($1) \
+                OR (kind, id) IN (SELECT * FROM UNNEST($2::text[], $3::text[]))",
+        )
+        .bind(&users)
+        .bind(&kinds)
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            let kind: String = row.try_get("kind")?;
+            let format: String = row.try_get("format")?;
+            let org = Org {
+                kind: OrgKind::parse(&kind).unwrap_or(OrgKind::Oa),
+                id: row.try_get("id")?,
+                name: row.try_get("name")?,
+                broker_user: row.try_get("broker_user")?,
+                format: if format == "xml" {
+                    Format::Xml
+                } else {
+                    Format::Json
+                },
+            };
+            state.org_by_user.insert(org.broker_user.clone(), org.key());
+            state.orgs.insert(org.key(), org);
+        }
+
+        let rows = sqlx::query(
+            "SELECT id, number, pseudonym, merged_into FROM dossier WHERE pseudonym = ANY($1)",
+        )
+        .bind(&pseudonyms)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            let dossier = Dossier {
+                id: row.try_get("id")?,
+                number: row.try_get("number")?,
+                pseudonym: row.try_get("pseudonym")?,
+                merged_into: row.try_get("merged_into")?,
+            };
+            state
+                .dossier_by_pseudonym
+                .insert(dossier.pseudonym.clone(), dossier.id);
+            state.dossiers.insert(dossier.id, dossier);
+        }
+
+        let dossier_ids: Vec<i64> = state.dossiers.keys().copied().collect();
+        if !dossier_ids.is_empty() {
+            let rows = sqlx::query(
+                "SELECT owner_kind, owner_id, ref, dossier_id, type, status, version, \
+                        request_received_on, start_on, end_on, consent \
+                 FROM trajet WHERE dossier_id = ANY($1)",
+            )
+            .bind(&dossier_ids)
+            .fetch_all(&mut *conn)
+            .await?;
+            for row in rows {
+                let owner_kind: String = row.try_get("owner_kind")?;
+                let trajet_type: String = row.try_get("type")?;
+                let consent: Option<String> = row.try_get("consent")?;
+                let (Some(owner_kind), Some(trajet_type)) =
+                    (OrgKind::parse(&owner_kind), TrajetType::parse(&trajet_type))
+                else {
+                    continue;
+                };
+                state.trajets.insert(
+                    TrajetKey {
+                        owner_kind,
+                        owner_id: row.try_get("owner_id")?,
+                        reference: row.try_get("ref")?,
+                    },
+                    TrajetRow {
+                        dossier_id: row.try_get("dossier_id")?,
+                        trajet_type,
+                        status: row.try_get("status")?,
+                        version: row.try_get("version")?,
+                        request_received_on: row.try_get("request_received_on")?,
+                        start_on: row.try_get("start_on")?,
+                        end_on: row.try_get("end_on")?,
+                        consent: consent.as_deref().and_then(Consent::parse),
+                    },
+                );
+            }
+        }
+
+        let (senders, message_ids): (Vec<String>, Vec<String>) =
+            needs.inbox_keys.iter().cloned().unzip();
+        let rows = sqlx::query(
+            "SELECT sender, message_id, status, code, detail, result::text AS result FROM inbox \
+             WHERE (sender, message_id) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
+        )
+        .bind(&senders)
+        .bind(&message_ids)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            let status: String = row.try_get("status")?;
+            let result: Option<String> = row.try_get("result")?;
+            let outcome = Outcome {
+                status: Status::parse(&status).unwrap_or(Status::Rejected),
+                code: row.try_get("code")?,
+                detail: row
+                    .try_get::<Option<String>, _>("detail")?
+                    .unwrap_or_default(),
+                result: result
+                    .and_then(|r| serde_json::from_str(&r).ok())
+                    .unwrap_or_else(|| serde_json::json!({})),
+            };
+            state.inbox.insert(
+                (row.try_get("sender")?, row.try_get("message_id")?),
+                outcome,
+            );
+        }
+
+        let missing = needs
+            .max_new_dossiers
+            .min(needs.pseudonyms.len())
+            .saturating_sub(state.dossier_by_pseudonym.len());
+        if missing > 0 {
+            state.spare_dossier_ids = sqlx::query_scalar(
+                "SELECT nextval('dossier_id_seq') FROM generate_series(1, $1::int)",
+            )
+            .bind(i32::try_from(missing).unwrap_or(i32::MAX))
+            .fetch_all(&mut *conn)
+            .await?;
+        }
+        Ok(state)
+    }
+
+    // ---- reads -------------------------------------------------------------------------------
+
+    /// The first outcome recorded for this idempotency key, in the database or earlier in the batch.
+    pub(crate) fn recorded_outcome(&self, sender: &str, message_id: &str) -> Option<&Outcome> {
+        self.inbox.get(&(sender.to_owned(), message_id.to_owned()))
+    }
+
+    /// The organisation a broker user publishes as.
+    pub(crate) fn org_by_user(&self, user: &str) -> Option<&Org> {
+        self.org_by_user.get(user).and_then(|k| self.orgs.get(k))
+    }
+
+    /// The pseudonym that now stands for `pseudonym` (after NISS replacements).
+    pub(crate) fn resolve(&self, pseudonym: &str) -> String {
+        let mut current = pseudonym;
+        for _ in 0..4 {
+            match self
+                .insured
+                .get(current)
+                .and_then(|f| f.replaced_by.as_deref())
+            {
+                Some(next) if next != current => current = next,
+                _ => break,
+            }
+        }
+        current.to_owned()
+    }
+
+    /// Date of death, when the National Register reported one.
+    pub(crate) fn died_on(&self, pseudonym: &str) -> Option<Date> {
+        self.insured.get(pseudonym).and_then(|f| f.died_on)
+    }
+
+    fn relation_current(&self, pseudonym: &str, kind: RelKind, org_id: &str) -> bool {
+        self.relations
+            .get(pseudonym)
+            .and_then(|r| r.get(&(kind, org_id.to_owned())))
+            .is_some_and(|until| *until > self.now)
+    }
+
+    fn current_related(&self, pseudonym: &str, kind: RelKind) -> Vec<&str> {
+        self.relations
+            .get(pseudonym)
+            .map(|r| {
+                r.iter()
+                    .filter(|((k, _), until)| *k == kind && **until > self.now)
+                    .map(|((_, id), _)| id.as_str())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn current_sepps_of_employer(&self, employer: &str) -> Vec<&str> {
+        self.employer_sepp
+            .get(employer)
+            .map(|s| {
+                s.iter()
+                    .filter(|(_, until)| **until > self.now)
+                    .map(|(id, _)| id.as_str())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// DOMAIN.md §2.1: does this organisation have access to the insured's dossier?
+    pub(crate) fn has_access(&self, org: &OrgKey, pseudonym: &str) -> bool {
+        match org.0 {
+            OrgKind::Oa => self.relation_current(pseudonym, RelKind::Oa, &org.1),
+            OrgKind::Gp => self.relation_current(pseudonym, RelKind::Gp, &org.1),
+            OrgKind::Sepp => self
+                .current_related(pseudonym, RelKind::Employer)
+                .into_iter()
+                .any(|employer| {
+                    self.current_sepps_of_employer(employer)
+                        .contains(&org.1.as_str())
+                }),
+            OrgKind::Rp => false,
+        }
+    }
+
+    /// Every OA, SEPP and GP with a current relation to the insured, sorted, with the format each
+    /// receives in (JSON when the organisation is not registered).
+    pub(crate) fn related_actors(&self, pseudonym: &str) -> Vec<(OrgKey, Format)> {
+        let mut keys: BTreeSet<OrgKey> = BTreeSet::new();
+        for id in self.current_related(pseudonym, RelKind::Oa) {
+            keys.insert((OrgKind::Oa, id.to_owned()));
+        }
+        for id in self.current_related(pseudonym, RelKind::Gp) {
+            keys.insert((OrgKind::Gp, id.to_owned()));
+        }
+        for employer in self.current_related(pseudonym, RelKind::Employer) {
+            for sepp in self.current_sepps_of_employer(employer) {
+                keys.insert((OrgKind::Sepp, sepp.to_owned()));
+            }
+        }
+        keys.into_iter()
+            .map(|key| {
+                let format = self.orgs.get(&key).map(|o| o.format).unwrap_or_default();
+                (key, format)
+            })
+            .collect()
+    }
+
+    /// The live dossier of an insured.
+    pub(crate) fn dossier_of(&self, pseudonym: &str) -> Option<&Dossier> {
+        self.dossier_by_pseudonym
+            .get(pseudonym)
+            .and_then(|id| self.dossiers.get(id))
+    }
+
+    /// A trajet by its identity.
+    pub(crate) fn trajet(&self, key: &TrajetKey) -> Option<&TrajetRow> {
+        self.trajets.get(key)
+    }
+
+    // ---- writes ------------------------------------------------------------------------------
+
+    /// Records the outcome of a message (inbox), so a later duplicate repeats it.
+    pub(crate) fn record_outcome(
+        &mut self,
+        sender: &str,
+        message_id: &str,
+        message_type: &'static str,
+        outcome: &Outcome,
+        dossier_id: Option<i64>,
+    ) {
+        self.inbox
+            .insert((sender.to_owned(), message_id.to_owned()), outcome.clone());
+        self.new_inbox.push(InboxRow {
+            sender: sender.to_owned(),
+            message_id: message_id.to_owned(),
+            message_type,
+            outcome: outcome.clone(),
+            dossier_id,
+        });
+    }
+
+    /// Registers or updates an organisation.
+    pub(crate) fn upsert_org(&mut self, org: Org) {
+        self.org_by_user.retain(|_, key| *key != org.key());
+        self.org_by_user.insert(org.broker_user.clone(), org.key());
+        self.dirty_orgs.insert(org.key());
+        self.orgs.insert(org.key(), org);
+    }
+
+    /// Sets (or with `None`, ends) an insured's relation to an organisation.
+    pub(crate) fn set_relation(
+        &mut self,
+        pseudonym: &str,
+        kind: RelKind,
+        org_id: &str,
+        valid_until: Option<OffsetDateTime>,
+    ) {
+        let relations = self.relations.entry(pseudonym.to_owned()).or_default();
+        match valid_until {
+            Some(until) => {
+                relations.insert((kind, org_id.to_owned()), until);
+            }
+            None => {
+                relations.remove(&(kind, org_id.to_owned()));
+            }
+        }
+        self.dirty_relations
+            .insert((pseudonym.to_owned(), kind, org_id.to_owned()));
+    }
+
+    /// Sets (or with `None`, ends) an employer's affiliation with a SEPP.
+    pub(crate) fn set_employer_sepp(
+        &mut self,
+        employer: &str,
+        sepp: &str,
+        valid_until: Option<OffsetDateTime>,
+    ) {
+        let sepps = self.employer_sepp.entry(employer.to_owned()).or_default();
+        match valid_until {
+            Some(until) => {
+                sepps.insert(sepp.to_owned(), until);
+            }
+            None => {
+                sepps.remove(sepp);
+            }
+        }
+        self.dirty_employer_sepp
+            .insert((employer.to_owned(), sepp.to_owned()));
+    }
+
+    /// Records or clears a death.
+    pub(crate) fn set_died_on(&mut self, pseudonym: &str, died_on: Option<Date>) {
+        self.insured
+            .entry(pseudonym.to_owned())
+            .or_default()
+            .died_on = died_on;
+        self.dirty_insured.insert(pseudonym.to_owned());
+    }
+
+    /// The insured's dossier, created (with a number) when there is none. Returns it and whether it
+    /// was created.
+    ///
+    /// # Errors
+    /// When the batch ran out of pre-allocated dossier ids (a bug in the needs computation).
+    pub(crate) fn dossier_or_create(
+        &mut self,
+        pseudonym: &str,
+        actor: &OrgKey,
+    ) -> Result<(Dossier, bool), String> {
+        if let Some(dossier) = self.dossier_of(pseudonym) {
+            return Ok((dossier.clone(), false));
+        }
+        let id = self
+            .spare_dossier_ids
+            .pop()
+            .ok_or_else(|| "no pre-allocated dossier id left in the batch".to_owned())?;
+        let dossier = Dossier {
+            id,
+            number: dossier_number(id),
+            pseudonym: pseudonym.to_owned(),
+            merged_into: None,
+        };
+        self.dossier_by_pseudonym.insert(pseudonym.to_owned(), id);
+        self.dossiers.insert(id, dossier.clone());
+        self.dirty_dossiers.insert(id);
+        self.add_history(HistoryRow {
+            dossier_id: id,
+            actor: actor.clone(),
+            resource: "dossier_trio",
+            operation: "dossier_created",
+            detail: serde_json::json!({}),
+        });
+        Ok((dossier, true))
+    }
+
+    /// Creates or updates a trajet.
+    pub(crate) fn put_trajet(&mut self, key: TrajetKey, row: TrajetRow) {
+        self.dirty_trajets.insert(key.clone());
+        self.trajets.insert(key, row);
+    }
+
+    /// Adds a history line.
+    pub(crate) fn add_history(&mut self, row: HistoryRow) {
+        self.history.push(row);
+    }
+
+    /// NISS replacement: moves the old pseudonym's relations, facts and dossier to the new one,
+    /// merging dossiers when both exist (CONTRACT.md §3). Returns the surviving dossier, if any.
+    pub(crate) fn replace_pseudonym(
+        &mut self,
+        old: &str,
+        new: &str,
+        actor: &OrgKey,
+    ) -> Option<i64> {
+        let old_facts = self.insured.get(old).cloned().unwrap_or_default();
+        let new_facts = self.insured.entry(new.to_owned()).or_default();
+        if new_facts.died_on.is_none() && old_facts.died_on.is_some() {
+            new_facts.died_on = old_facts.died_on;
+            self.dirty_insured.insert(new.to_owned());
+        }
+        self.insured.entry(old.to_owned()).or_default().replaced_by = Some(new.to_owned());
+        self.dirty_insured.insert(old.to_owned());
+
+        let moved: Vec<((RelKind, String), OffsetDateTime)> = self
+            .relations
+            .remove(old)
+            .map(|r| r.into_iter().collect())
+            .unwrap_or_default();
+        for ((kind, org_id), until) in moved {
+            self.dirty_relations
+                .insert((old.to_owned(), kind, org_id.clone()));
+            let target = self.relations.entry(new.to_owned()).or_default();
+            let entry = target.entry((kind, org_id.clone())).or_insert(until);
+            if *entry < until {
+                *entry = until;
+            }
+            self.dirty_relations.insert((new.to_owned(), kind, org_id));
+        }
+
+        let old_dossier = self.dossier_by_pseudonym.get(old).copied();
+        let new_dossier = self.dossier_by_pseudonym.get(new).copied();
+        match (old_dossier, new_dossier) {
+            (None, survivor) => survivor,
+            (Some(id), None) => {
+                self.dossier_by_pseudonym.remove(old);
+                self.dossier_by_pseudonym.insert(new.to_owned(), id);
+                if let Some(d) = self.dossiers.get_mut(&id) {
+                    d.pseudonym = new.to_owned();
+                }
+                self.dirty_dossiers.insert(id);
+                self.add_history(HistoryRow {
+                    dossier_id: id,
+                    actor: actor.clone(),
+                    resource: "dossier_trio",
+                    operation: "niss_replaced",
+                    detail: serde_json::json!({}),
+                });
+                Some(id)
+            }
+            (Some(from), Some(into)) => {
+                self.dossier_by_pseudonym.remove(old);
+                if let Some(d) = self.dossiers.get_mut(&from) {
+                    d.merged_into = Some(into);
+                }
+                self.dirty_dossiers.insert(from);
+                let keys: Vec<TrajetKey> = self
+                    .trajets
+                    .iter()
+                    .filter(|(_, t)| t.dossier_id == from)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in keys {
+                    if let Some(t) = self.trajets.get_mut(&key) {
+                        t.dossier_id = into;
+                    }
+                    self.dirty_trajets.insert(key);
+                }
+                for h in &mut self.history {
+                    if h.dossier_id == from {
+                        h.dossier_id = into;
+                    }
+                }
+                self.dossier_ops.push(DossierOp::MoveHistory { from, into });
+                let from_number = self.dossiers.get(&from).map(|d| d.number.clone());
+                self.add_history(HistoryRow {
+                    dossier_id: into,
+                    actor: actor.clone(),
+                    resource: "dossier_trio",
+                    operation: "dossier_merged",
+                    detail: serde_json::json!({ "merged_dossier_number": from_number }),
+                });
+                Some(into)
+            }
+        }
+    }
+
+    /// Writes every pending change with one statement per table.
+    pub(crate) async fn flush(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        self.flush_orgs(conn).await?;
+        self.flush_insured(conn).await?;
+        self.flush_relations(conn).await?;
+        self.flush_employer_sepp(conn).await?;
+        self.flush_dossiers(conn).await?;
+        for op in std::mem::take(&mut self.dossier_ops) {
+            match op {
+                DossierOp::MoveHistory { from, into } => {
+                    sqlx::query("UPDATE history SET dossier_id = $2 WHERE dossier_id = $1")
+                        .bind(from)
+                        .bind(into)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+            }
+        }
+        self.flush_trajets(conn).await?;
+        self.flush_history(conn).await?;
+        self.flush_inbox(conn).await?;
+        self.flush_outbox(conn).await?;
+        Ok(())
+    }
+
+    async fn flush_orgs(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        if self.dirty_orgs.is_empty() {
+            return Ok(());
+        }
+        let orgs: Vec<&Org> = self
+            .dirty_orgs
+            .iter()
+            .filter_map(|k| self.orgs.get(k))
+            .collect();
+        // A broker user moving between organisations must first leave the old one.
+        let users: Vec<&str> = orgs.iter().map(|o| o.broker_user.as_str()).collect();
+        let (kinds, ids): (Vec<&str>, Vec<&str>) = orgs
+            .iter()
+            .map(|o| (o.kind.as_str(), o.id.as_str()))
+            .unzip();
+        sqlx::query(
+            "DELETE FROM organisation WHERE broker_user = ANY($1) \
+             AND (kind, id) NOT IN (SELECT * FROM UNNEST($2::text[], $3::text[]))",
+        )
+        .bind(&users)
+        .bind(&kinds)
+        .bind(&ids)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO organisation (kind, id, name, broker_user, format) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+             ON CONFLICT (kind, id) DO UPDATE SET name = EXCLUDED.name, \
+                broker_user = EXCLUDED.broker_user, format = EXCLUDED.format, updated_at = now()",
+        )
+        .bind(&kinds)
+        .bind(&ids)
+        .bind(orgs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>())
+        .bind(&users)
+        .bind(orgs.iter().map(|o| o.format.as_str()).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn flush_insured(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        if self.dirty_insured.is_empty() {
+            return Ok(());
+        }
+        let mut pseudonyms = Vec::new();
+        let mut died = Vec::new();
+        let mut replaced = Vec::new();
+        for p in &self.dirty_insured {
+            let facts = self.insured.get(p).cloned().unwrap_or_default();
+            pseudonyms.push(p.as_str());
+            died.push(facts.died_on);
+            replaced.push(facts.replaced_by);
+        }
+        sqlx::query(
+            "INSERT INTO insured (pseudonym, died_on, replaced_by) \
+             SELECT * FROM UNNEST($1::text[], $2::date[], $3::text[]) \
+             ON CONFLICT (pseudonym) DO UPDATE SET died_on = EXCLUDED.died_on, \
+                replaced_by = EXCLUDED.replaced_by",
+        )
+        .bind(&pseudonyms)
+        .bind(&died)
+        .bind(&replaced)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn flush_relations(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        if self.dirty_relations.is_empty() {
+            return Ok(());
+        }
+        let (mut up_p, mut up_k, mut up_o, mut up_u) = (vec![], vec![], vec![], vec![]);
+        let (mut del_p, mut del_k, mut del_o) = (vec![], vec![], vec![]);
+        for (p, kind, org) in &self.dirty_relations {
+            match self
+                .relations
+                .get(p)
+                .and_then(|r| r.get(&(*kind, org.clone())))
+            {
+                Some(until) => {
+                    up_p.push(p.as_str());
+                    up_k.push(kind.as_str());
+                    up_o.push(org.as_str());
+                    up_u.push(*until);
+                }
+                None => {
+                    del_p.push(p.as_str());
+                    del_k.push(kind.as_str());
+                    del_o.push(org.as_str());
+                }
+            }
+        }
+        if !del_p.is_empty() {
+            sqlx::query(
+                "DELETE FROM insured_relation WHERE (pseudonym, org_kind, org_id) IN \
+                 (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]))",
+            )
+            .bind(&del_p)
+            .bind(&del_k)
+            .bind(&del_o)
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !up_p.is_empty() {
+            sqlx::query(
+                "INSERT INTO insured_relation (pseudonym, org_kind, org_id, valid_until) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[]) \
+                 ON CONFLICT (pseudonym, org_kind, org_id) \
+                 DO UPDATE SET valid_until = EXCLUDED.valid_until",
+            )
+            .bind(&up_p)
+            .bind(&up_k)
+            .bind(&up_o)
+            .bind(&up_u)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_employer_sepp(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        if self.dirty_employer_sepp.is_empty() {
+            return Ok(());
+        }
+        let (mut up_e, mut up_s, mut up_u) = (vec![], vec![], vec![]);
+        let (mut del_e, mut del_s) = (vec![], vec![]);
+        for (employer, sepp) in &self.dirty_employer_sepp {
+            match self.employer_sepp.get(employer).and_then(|s| s.get(sepp)) {
+                Some(until) => {
+                    up_e.push(employer.as_str());
+                    up_s.push(sepp.as_str());
+                    up_u.push(*until);
+                }
+                None => {
+                    del_e.push(employer.as_str());
+                    del_s.push(sepp.as_str());
+                }
+            }
+        }
+        if !del_e.is_empty() {
+            sqlx::query(
+                "DELETE FROM employer_sepp WHERE (employer, sepp) IN \
+                 (SELECT * FROM UNNEST($1::text[], $2::text[]))",
+            )
+            .bind(&del_e)
+            .bind(&del_s)
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !up_e.is_empty() {
+            sqlx::query(
+                "INSERT INTO employer_sepp (employer, sepp, valid_until) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[]) \
+                 ON CONFLICT (employer, sepp) DO UPDATE SET valid_until = EXCLUDED.valid_until",
+            )
+            .bind(&up_e)
+            .bind(&up_s)
+            .bind(&up_u)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_dossiers(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        if self.dirty_dossiers.is_empty() {
+            return Ok(());
+        }
+        let dossiers: Vec<&Dossier> = self
+            .dirty_dossiers
+            .iter()
+            .filter_map(|id| self.dossiers.get(id))
+            .collect();
+        sqlx::query(
+            "INSERT INTO dossier (id, number, pseudonym, merged_into) \
+             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[]) \
+             ON CONFLICT (id) DO UPDATE SET pseudonym = EXCLUDED.pseudonym, \
+                merged_into = EXCLUDED.merged_into",
+        )
+        .bind(dossiers.iter().map(|d| d.id).collect::<Vec<_>>())
+        .bind(
+            dossiers
+                .iter()
+                .map(|d| d.number.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            dossiers
+                .iter()
+                .map(|d| d.pseudonym.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(dossiers.iter().map(|d| d.merged_into).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn flush_trajets(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        if self.dirty_trajets.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(&TrajetKey, &TrajetRow)> = self
+            .dirty_trajets
+            .iter()
+            .filter_map(|k| self.trajets.get(k).map(|t| (k, t)))
+            .collect();
+        sqlx::query(
+            "INSERT INTO trajet (owner_kind, owner_id, ref, dossier_id, type, status, version, \
+                                 request_received_on, start_on, end_on, consent) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], \
+                                  $6::text[], $7::bigint[], $8::date[], $9::date[], $10::date[], \
+                                  $11::text[]) \
+             ON CONFLICT (owner_kind, owner_id, ref) DO UPDATE SET \
+                dossier_id = EXCLUDED.dossier_id, status = EXCLUDED.status, \
+                version = EXCLUDED.version, request_received_on = EXCLUDED.request_received_on, \
+                start_on = EXCLUDED.start_on, end_on = EXCLUDED.end_on, \
+                consent = EXCLUDED.consent, updated_at = now()",
+        )
+        .bind(
+            rows.iter()
+                .map(|(k, _)| k.owner_kind.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|(k, _)| k.owner_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|(k, _)| k.reference.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|(_, t)| t.dossier_id).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|(_, t)| t.trajet_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|(_, t)| t.status.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|(_, t)| t.version).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|(_, t)| t.request_received_on)
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|(_, t)| t.start_on).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(_, t)| t.end_on).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|(_, t)| t.consent.map(Consent::as_str))
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn flush_history(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        if self.history.is_empty() {
+            return Ok(());
+        }
+        let h = &self.history;
+        sqlx::query(
+            "INSERT INTO history (dossier_id, actor_kind, actor_id, resource, operation, detail) \
+             SELECT d, ak, ai, r, o, de::jsonb FROM UNNEST($1::bigint[], $2::text[], $3::text[], \
+                $4::text[], $5::text[], $6::text[]) AS t(d, ak, ai, r, o, de)",
+        )
+        .bind(h.iter().map(|r| r.dossier_id).collect::<Vec<_>>())
+        .bind(h.iter().map(|r| r.actor.0.as_str()).collect::<Vec<_>>())
+        .bind(h.iter().map(|r| r.actor.1.as_str()).collect::<Vec<_>>())
+        .bind(h.iter().map(|r| r.resource).collect::<Vec<_>>())
+        .bind(h.iter().map(|r| r.operation).collect::<Vec<_>>())
+        .bind(h.iter().map(|r| r.detail.to_string()).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn flush_inbox(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        if self.new_inbox.is_empty() {
+            return Ok(());
+        }
+        let rows = &self.new_inbox;
+        sqlx::query(
+            "INSERT INTO inbox (sender, message_id, type, status, code, detail, result, dossier_id) \
+             SELECT s, m, t, st, c, d, r::jsonb, di FROM UNNEST($1::text[], $2::text[], \
+                $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[]) \
+                AS u(s, m, t, st, c, d, r, di) \
+             ON CONFLICT (sender, message_id) DO NOTHING",
+        )
+        .bind(rows.iter().map(|r| r.sender.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.message_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.message_type).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.outcome.status.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.outcome.code.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.outcome.detail.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.outcome.result.to_string()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.dossier_id).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn flush_outbox(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        if self.outbox.is_empty() {
+            return Ok(());
+        }
+        let o = &self.outbox;
+        sqlx::query(
+            "INSERT INTO outbox (message_id, exchange, routing_key, type, content_type, \
+                                 correlation_id, traceparent, body, claimed_until) \
+             SELECT *, now() + interval '30 seconds' FROM UNNEST($1::uuid[], $2::text[], \
+                $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bytea[]) \
+             ON CONFLICT (message_id) DO NOTHING",
+        )
+        .bind(o.iter().map(|m| m.message_id).collect::<Vec<_>>())
+        .bind(o.iter().map(|m| m.exchange.as_str()).collect::<Vec<_>>())
+        .bind(o.iter().map(|m| m.routing_key.as_str()).collect::<Vec<_>>())
+        .bind(
+            o.iter()
+                .map(|m| m.message_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            o.iter()
+                .map(|m| m.content_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            o.iter()
+                .map(|m| m.correlation_id.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            o.iter()
+                .map(|m| m.traceparent.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(o.iter().map(|m| m.body.as_slice()).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The stable, human-quotable dossier number («numéro du dossier»).
+pub(crate) fn dossier_number(id: i64) -> String {
+    format!("TRIO-{id:08}")
+}

@@ -1,0 +1,98 @@
+//! Integration tests over a real RabbitMQ and PostgreSQL: one binary, one module per concern.
+#![allow(clippy::unwrap_used)]
+//! Each test has its own vhost, database and in-process gateway (see `trio_tests::TestEnv`).
+
+mod access;
+mod envelope;
+mod idempotency;
+mod privacy;
+mod relations;
+mod runtime;
+mod trajets;
+
+use serde_json::{Value, json};
+use trio_gateway::partner::Partner;
+use trio_tests::{TestEnv, synthetic_niss};
+
+/// An OA (300, JSON), a SEPP (0411234567, XML) and a GP (12345678901, JSON), all related to one
+/// insured (the SEPP through the insured's employer).
+pub struct World {
+    /// The test's vhost, database and gateway.
+    pub env: TestEnv,
+    /// The operator (`guest`).
+    pub operator: Partner,
+    /// OA 300.
+    pub oa: Partner,
+    /// SEPP 0411234567.
+    pub sepp: Partner,
+    /// GP 12345678901.
+    pub gp: Partner,
+    /// The insured they all relate to.
+    pub niss: String,
+}
+
+/// The OA's union code.
+pub const OA: &str = "300";
+/// The SEPP's KBO number.
+pub const SEPP: &str = "0411234567";
+/// The GP's INAMI number.
+pub const GP: &str = "12345678901";
+/// The insured's employer.
+pub const EMPLOYER: &str = "0999999999";
+
+impl World {
+    /// A new test environment with the three organisations and their relations.
+    pub async fn new(seq: u32) -> World {
+        Self::with_env(TestEnv::start().await, seq).await
+    }
+
+    /// Same, on a prepared environment.
+    pub async fn with_env(env: TestEnv, seq: u32) -> World {
+        let mut operator = env.operator().await;
+        let oa = env.organisation(&mut operator, "oa", OA, "json").await;
+        let sepp = env.organisation(&mut operator, "sepp", SEPP, "xml").await;
+        let gp = env.organisation(&mut operator, "gp", GP, "json").await;
+        let niss = synthetic_niss(seq);
+        for relation in [
+            json!({"kind": "insured_oa", "niss": niss, "oa": OA}),
+            json!({"kind": "insured_employer", "niss": niss, "employer": EMPLOYER}),
+            json!({"kind": "employer_sepp", "employer": EMPLOYER, "sepp": SEPP}),
+            json!({"kind": "insured_gp", "niss": niss, "gp": GP}),
+        ] {
+            env.relate(&mut operator, relation).await;
+        }
+        World {
+            env,
+            operator,
+            oa,
+            sepp,
+            gp,
+            niss,
+        }
+    }
+}
+
+/// A `trajet.upsert` body.
+pub fn trajet(niss: &str, reference: &str, trajet_type: &str, status: &str, version: i64) -> Value {
+    json!({"niss": niss, "trajet": {
+        "ref": reference, "type": trajet_type, "status": status, "version": version,
+        "start_on": "2026-11-02", "request_received_on": "2026-10-30"}})
+}
+
+/// Asserts a reply's status and code.
+#[track_caller]
+pub fn assert_reply(reply: &trio_gateway::partner::Reply, status: &str, code: Option<&str>) {
+    assert_eq!(reply.body["status"], status, "reply: {}", reply.body);
+    match code {
+        Some(code) => assert_eq!(reply.body["code"], code, "reply: {}", reply.body),
+        None => assert!(reply.body["code"].is_null(), "reply: {}", reply.body),
+    }
+}
+
+/// Rows of a table.
+pub async fn count(env: &TestEnv, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(&env.db)
+        .await
+        .expect("count")
+}

@@ -1,0 +1,223 @@
+//! The runtime: idempotent quorum topology, batches, poison messages, graceful shutdown.
+
+use crate::{World, assert_reply, count, trajet};
+use serde_json::json;
+use std::time::Duration;
+use trio_gateway::partner::{Outgoing, header};
+use trio_tests::{Options, TestEnv, WAIT, request};
+
+#[tokio::test]
+async fn the_topology_is_quorum_and_declaring_it_again_is_harmless() {
+    let w = World::new(70).await;
+    // a second declaration (another process starting) succeeds
+    let pool = trio_gateway::broker::pool(&w.env.config, "test", 1).unwrap();
+    let channel = trio_gateway::broker::channel(&pool, Duration::from_secs(5))
+        .await
+        .unwrap();
+    trio_gateway::broker::declare_topology(&channel, &w.env.config)
+        .await
+        .unwrap();
+    // the inbound queues are quorum queues: re-declaring one as classic is refused
+    let classic = channel
+        .queue_declare(
+            "trio.inbound.oa",
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    assert!(
+        classic.is_err(),
+        "trio.inbound.oa must be a quorum queue with arguments"
+    );
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn many_messages_are_applied_in_batches_with_one_outcome_each() {
+    let mut w = World::new(71).await;
+    // recipients are bound, so every event is routable and the outbox empties
+    let _to_gp = w.gp.listen(&format!("gp.{}", crate::GP)).await.unwrap();
+    let _to_sepp = w
+        .sepp
+        .listen(&format!("sepp.{}", crate::SEPP))
+        .await
+        .unwrap();
+    let n = w.niss.clone();
+    let ids: Vec<String> = (0..300).map(|i| format!("bulk-{i}")).collect();
+    let bodies: Vec<Vec<u8>> = (0..300)
+        .map(|i| {
+            trajet(
+                &n,
+                &format!("t{}", i % 30),
+                "rtw_ami",
+                "en_cours",
+                i64::from(i / 30 + 1),
+            )
+            .to_string()
+            .into_bytes()
+        })
+        .collect();
+    let messages: Vec<Outgoing> = ids
+        .iter()
+        .zip(&bodies)
+        .map(|(id, body)| Outgoing {
+            queue: "oa",
+            message_type: "trajet.upsert",
+            message_id: id,
+            content_type: "application/json",
+            body: body.clone(),
+            want_reply: true,
+        })
+        .collect();
+    w.oa.publish_many(&messages).await.unwrap();
+    // With two batches in flight an older version may arrive after a newer one: it is then
+    // answered `stale`; either way every message gets exactly one outcome.
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..300 {
+        let r =
+            w.oa.next_reply(WAIT)
+                .await
+                .unwrap()
+                .expect("one reply per message");
+        let status = r.body["status"].as_str().unwrap().to_owned();
+        assert!(status == "accepted" || status == "stale", "{}", r.body);
+        assert!(answered.insert(r.correlation_id), "one reply per message");
+    }
+    assert_eq!(answered.len(), 300);
+    let max_version: i64 = sqlx::query_scalar("SELECT min(version) FROM trajet")
+        .fetch_one(&w.env.db)
+        .await
+        .unwrap();
+    assert_eq!(max_version, 10, "every trajet ends at its highest version");
+    assert_eq!(count(&w.env, "trajet").await, 30);
+    // the relay empties the outbox once the broker confirmed
+    for _ in 0..50 {
+        if count(&w.env, "outbox").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count(&w.env, "outbox").await, 0);
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn a_poison_message_ends_in_the_dead_letter_queue_and_the_others_go_through() {
+    let env = TestEnv::start_with(Options {
+        delivery_limit: 3,
+        ..Options::default()
+    })
+    .await;
+    // a "handler bug": the database refuses this one trajet with a non-transient error
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN \
+           IF NEW.ref = 'poison' THEN RAISE EXCEPTION 'simulated handler bug'; END IF; \
+           RETURN NEW; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON trajet FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .execute(&env.db)
+    .await
+    .unwrap();
+    let mut w = World::with_env(env, 72).await;
+    let mut dead = w.operator.consume_queue("trio.dead").await.unwrap();
+    let n = w.niss.clone();
+    let poison = trajet(&n, "poison", "rtw_ami", "en_cours", 1)
+        .to_string()
+        .into_bytes();
+    let good = trajet(&n, "good", "rtw_ami", "en_cours", 1)
+        .to_string()
+        .into_bytes();
+    w.oa.publish_many(&[
+        Outgoing {
+            queue: "oa",
+            message_type: "trajet.upsert",
+            message_id: "p",
+            content_type: "application/json",
+            body: poison,
+            want_reply: true,
+        },
+        Outgoing {
+            queue: "oa",
+            message_type: "trajet.upsert",
+            message_id: "g",
+            content_type: "application/json",
+            body: good,
+            want_reply: true,
+        },
+    ])
+    .await
+    .unwrap();
+    let r = w.oa.reply_to("g", WAIT).await.unwrap();
+    assert_reply(&r, "accepted", None);
+    let letter = dead
+        .next(Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("the poison message is dead-lettered");
+    assert_eq!(
+        header(&letter, "x-trio-error").as_deref(),
+        Some("delivery_limit")
+    );
+    assert_eq!(
+        letter.properties.message_id().as_ref().unwrap().as_str(),
+        "p"
+    );
+    // and the consumer goes on
+    let r = request(&mut w.oa, "oa", "dossier.open", &json!({"niss": n})).await;
+    assert_reply(&r, "accepted", None);
+    assert_eq!(count(&w.env, "trajet").await, 1);
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_loses_nothing_and_a_restart_finishes_the_rest() {
+    let mut w = World::new(73).await;
+    let n = w.niss.clone();
+    let total = 2000;
+    let ids: Vec<String> = (0..total).map(|i| format!("s-{i}")).collect();
+    let bodies: Vec<Vec<u8>> = (0..total)
+        .map(|i| {
+            trajet(&n, &format!("t{i}"), "rtw_ami", "en_cours", 1)
+                .to_string()
+                .into_bytes()
+        })
+        .collect();
+    let messages: Vec<Outgoing> = ids
+        .iter()
+        .zip(&bodies)
+        .map(|(id, body)| Outgoing {
+            queue: "oa",
+            message_type: "trajet.upsert",
+            message_id: id,
+            content_type: "application/json",
+            body: body.clone(),
+            want_reply: false,
+        })
+        .collect();
+    w.oa.publish_many(&messages).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.env.stop_gateway().await.unwrap();
+    let done_before_restart = count(&w.env, "inbox").await - 7;
+    w.env.start_gateway();
+    let mut done = 0;
+    for _ in 0..200 {
+        done = count(&w.env, "inbox").await - 7;
+        if done == total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(done, total, "every message has exactly one outcome");
+    assert_eq!(count(&w.env, "trajet").await, total);
+    let created: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM history WHERE operation = 'trajet_created'")
+            .fetch_one(&w.env.db)
+            .await
+            .unwrap();
+    assert_eq!(created, total, "nothing applied twice");
+    eprintln!("graceful shutdown: {done_before_restart} of {total} done before the restart");
+    w.env.finish().await;
+}
