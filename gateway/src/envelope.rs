@@ -75,12 +75,7 @@ fn dead(reason: DeadReason, detail: impl Into<String>) -> Checked {
 
 /// A string header, if present.
 pub fn header_str(delivery: &Delivery, name: &str) -> Option<String> {
-    let headers = delivery.properties.headers().as_ref()?;
-    match headers.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
+    crate::dead_letter::read_header(delivery.properties.headers().as_ref()?, name)
 }
 
 /// How many times the broker delivered this message before (quorum queues' `x-delivery-count`).

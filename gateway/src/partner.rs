@@ -350,12 +350,7 @@ impl Listener {
 
 /// A string header of a delivery.
 pub fn header(delivery: &Delivery, name: &str) -> Option<String> {
-    let headers = delivery.properties.headers().as_ref()?;
-    match headers.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
+    crate::dead_letter::read_header(delivery.properties.headers().as_ref()?, name)
 }
 
 /// A `traceparent` header table.
