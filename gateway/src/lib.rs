@@ -12,6 +12,7 @@
 //!
 //! - [`config`]: `TRIO_*` environment settings;
 //! - [`broker`]: connection pools, topology, confirmed publishing;
+//! - [`cli`]: the `trio-gateway` command line;
 //! - [`serve`]: assembling workers and relays, graceful shutdown;
 //! - [`admin`]: broker users and virtual hosts through the management API (demo, benchmark,
 //!   tests);
@@ -21,6 +22,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod dead_letter;
 pub mod demo;
