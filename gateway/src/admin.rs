@@ -58,7 +58,7 @@ impl BrokerAdmin {
         method: &'static str,
         path: String,
         body: Option<serde_json::Value>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<serde_json::Value> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let request = ureq::request(method, &format!("{}/api/{path}", this.base))
@@ -69,8 +69,13 @@ impl BrokerAdmin {
                 None => request.call(),
             };
             match response {
-                Ok(_) => Ok(()),
-                Err(ureq::Error::Status(404, _)) if method == "DELETE" => Ok(()),
+                Ok(response) if method == "GET" => response
+                    .into_json()
+                    .map_err(|e| anyhow!("management API {method} {path}: {e}")),
+                Ok(_) => Ok(serde_json::Value::Null),
+                Err(ureq::Error::Status(404, _)) if method == "DELETE" => {
+                    Ok(serde_json::Value::Null)
+                }
                 Err(e) => Err(anyhow!("management API {method} {path}: {e}")),
             }
         })
@@ -89,6 +94,7 @@ impl BrokerAdmin {
             Some(json!({ "password": password, "tags": tags })),
         )
         .await
+        .map(drop)
     }
 
     /// Creates a virtual host.
@@ -98,6 +104,7 @@ impl BrokerAdmin {
     pub async fn create_vhost(&self, vhost: &str) -> anyhow::Result<()> {
         self.call("PUT", format!("vhosts/{}", encode(vhost)), Some(json!({})))
             .await
+            .map(drop)
     }
 
     /// Deletes a virtual host and everything in it.
@@ -107,6 +114,17 @@ impl BrokerAdmin {
     pub async fn delete_vhost(&self, vhost: &str) -> anyhow::Result<()> {
         self.call("DELETE", format!("vhosts/{}", encode(vhost)), None)
             .await
+            .map(drop)
+    }
+
+    /// Deletes a user (nothing to do when it does not exist).
+    ///
+    /// # Errors
+    /// When the management API refuses or is unreachable.
+    pub async fn delete_user(&self, name: &str) -> anyhow::Result<()> {
+        self.call("DELETE", format!("users/{}", encode(name)), None)
+            .await
+            .map(drop)
     }
 
     /// Gives a user full permissions on a virtual host.
@@ -120,6 +138,23 @@ impl BrokerAdmin {
             Some(json!({ "configure": ".*", "write": ".*", "read": ".*" })),
         )
         .await
+        .map(drop)
+    }
+
+    /// Messages in a queue, ready and unacknowledged (the management API's statistics, refreshed
+    /// every few seconds).
+    ///
+    /// # Errors
+    /// When the queue does not exist or the management API is unreachable.
+    pub async fn queue_messages(&self, vhost: &str, queue: &str) -> anyhow::Result<u64> {
+        let stats = self
+            .call(
+                "GET",
+                format!("queues/{}/{}", encode(vhost), encode(queue)),
+                None,
+            )
+            .await?;
+        Ok(stats["messages"].as_u64().unwrap_or(0))
     }
 }
 

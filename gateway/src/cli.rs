@@ -3,11 +3,11 @@
 //! It lives in the library so that other binaries (the benchmark, the fault-injection tests'
 //! gateway process) run exactly the same `serve` as the shipped one.
 
+use crate::{Config, dlq, init_logging, serve};
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
-use crate::{Config, dlq, init_logging, serve};
 use trio_pseudo::{CacheConfig, LocalPseudonymiser, PseudoDomain, Pseudonymiser};
 
 /// The TRIO gateway: RabbitMQ in, PostgreSQL state, RabbitMQ out. Configured by TRIO_* variables

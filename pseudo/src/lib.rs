@@ -23,7 +23,6 @@ pub use local::{CacheConfig, LocalPseudonymiser};
 pub use niss::{Niss, NissError};
 
 use futures::future::BoxFuture;
-use sha2::{Digest, Sha256};
 
 /// At-rest pseudonym: the 88-character standard base64 of I2OSP66(X(k·embed(NISS))) (§5, §11 a).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
@@ -55,15 +54,6 @@ impl AtRest {
             }
             _ => Err(PseudoError::InvalidPoint("not an at-rest pseudonym".into())),
         }
-    }
-
-    /// A 64-bit key for PostgreSQL advisory locks: the first 8 bytes of SHA-256 of the string,
-    /// big-endian.
-    pub fn lock_key(&self) -> i64 {
-        let digest = Sha256::digest(self.0.as_bytes());
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&digest[..8]);
-        i64::from_be_bytes(b)
     }
 
     pub(crate) fn from_x(x: &[u8; curve::COORD_BYTES]) -> AtRest {
@@ -181,18 +171,6 @@ mod tests {
         assert!(AtRest::from_stored("!".repeat(88)).is_err());
         assert!(AtRest::from_stored("_".repeat(88)).is_err());
         assert_eq!(a.clone().into_string(), a.as_str());
-    }
-
-    #[test]
-    fn lock_key_is_the_first_8_bytes_of_sha256() {
-        let a = AtRest::from_x(&[1u8; curve::COORD_BYTES]);
-        let d = Sha256::digest(a.as_str().as_bytes());
-        let expected = i64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
-        assert_eq!(a.lock_key(), expected);
-        assert_ne!(
-            a.lock_key(),
-            AtRest::from_x(&[2u8; curve::COORD_BYTES]).lock_key()
-        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! Docker engine answers, RabbitMQ and PostgreSQL are started with testcontainers; with neither,
 //! the test fails with a message saying so — it never passes silently.
 
+pub mod faults;
 pub mod services;
 
 use anyhow::{Context as _, anyhow};
@@ -107,6 +108,8 @@ pub struct TestEnv {
     pub config: Config,
     /// The pseudonymiser the gateway uses (same domain key).
     pub pseudonymiser: Arc<dyn Pseudonymiser>,
+    /// The same domain as a `TRIO_PSEUDO_DOMAIN_FILE` (for gateway processes).
+    pub domain_json: String,
     admin: BrokerAdmin,
     amqp_base: String,
     db_admin_url: String,
@@ -182,6 +185,7 @@ impl TestEnv {
             name,
             db,
             config,
+            domain_json: domain.to_json(),
             pseudonymiser: Arc::new(LocalPseudonymiser::new(domain, CacheConfig::default())),
             admin,
             amqp_base: services.amqp_url.clone(),
@@ -214,6 +218,11 @@ impl TestEnv {
             handle.await.context("gateway task")??;
         }
         Ok(())
+    }
+
+    /// The management API client.
+    pub fn admin(&self) -> &BrokerAdmin {
+        &self.admin
     }
 
     /// An AMQP URL on this test's vhost for `user` (password = user name).

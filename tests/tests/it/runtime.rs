@@ -111,16 +111,7 @@ async fn a_poison_message_ends_in_the_dead_letter_queue_and_the_others_go_throug
         ..Options::default()
     })
     .await;
-    // a "handler bug": the database refuses this one trajet with a non-transient error
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN \
-           IF NEW.ref = 'poison' THEN RAISE EXCEPTION 'simulated handler bug'; END IF; \
-           RETURN NEW; END $$ LANGUAGE plpgsql; \
-         CREATE TRIGGER refuse_poison BEFORE INSERT ON trajet FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
-    )
-    .execute(&env.db)
-    .await
-    .unwrap();
+    simulate_handler_bug(&env, "poison").await;
     let mut w = World::with_env(env, 72).await;
     let mut dead = w.operator.consume_queue("trio.dead").await.unwrap();
     let n = w.niss.clone();
@@ -220,4 +211,106 @@ async fn graceful_shutdown_loses_nothing_and_a_restart_finishes_the_rest() {
     assert_eq!(created, total, "nothing applied twice");
     eprintln!("graceful shutdown: {done_before_restart} of {total} done before the restart");
     w.env.finish().await;
+}
+
+#[tokio::test]
+async fn dlq_list_shows_letters_without_their_contents_and_replay_puts_them_back() {
+    let env = TestEnv::start_with(Options {
+        delivery_limit: 2,
+        ..Options::default()
+    })
+    .await;
+    // refused until the bug is fixed
+    simulate_handler_bug(&env, "hits-a-bug").await;
+    let mut w = World::with_env(env, 74).await;
+    let n = w.niss.clone();
+    let body = trajet(&n, "hits-a-bug", "rtw_ami", "en_cours", 1);
+    w.oa.publish(&Outgoing::json("oa", "trajet.upsert", "bug-1", &body))
+        .await
+        .unwrap();
+    // it reaches trio.dead after its delivery limit
+    let mut letters = Vec::new();
+    for _ in 0..100 {
+        letters = trio_gateway::dlq::list(&w.env.config, 100).await.unwrap();
+        if !letters.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let letter = letters
+        .iter()
+        .find(|l| l.message_id == "bug-1")
+        .expect("the failing message is listed");
+    assert_eq!(letter.message_type, "trajet.upsert");
+    assert_eq!(letter.sender, w.oa.user());
+    assert_eq!(letter.error, "delivery_limit");
+    assert_eq!(letter.queue, "oa");
+    assert!(letter.dead_at.is_some());
+    let mut printed = Vec::new();
+    trio_gateway::dlq::print(&letters, &mut printed).unwrap();
+    let printed = String::from_utf8(printed).unwrap();
+    assert!(
+        printed.contains("bug-1") && printed.contains("delivery_limit"),
+        "{printed}"
+    );
+    assert!(
+        !printed.contains(&n),
+        "no payload contents in the listing: {printed}"
+    );
+    assert!(
+        !printed.contains("hits-a-bug"),
+        "no payload contents: {printed}"
+    );
+    // listing leaves the letter where it is
+    assert_eq!(
+        trio_gateway::dlq::list(&w.env.config, 100)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // the bug is fixed; replaying the letter applies it, with its original reply_to
+    sqlx::raw_sql("DROP TRIGGER handler_bug ON trajet")
+        .execute(&w.env.db)
+        .await
+        .unwrap();
+    let other = trio_gateway::dlq::replay(
+        &w.env.config,
+        &trio_gateway::dlq::Selection::Id("no-such-id".into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(other, 0, "replay --id picks only that message");
+    let replayed = trio_gateway::dlq::replay(
+        &w.env.config,
+        &trio_gateway::dlq::Selection::Id("bug-1".into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(replayed, 1);
+    let r = w.oa.reply_to("bug-1", WAIT).await.unwrap();
+    assert_reply(&r, "accepted", None);
+    assert_eq!(count(&w.env, "trajet").await, 1);
+    assert!(
+        trio_gateway::dlq::list(&w.env.config, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    w.env.finish().await;
+}
+
+/// A "handler bug": the database refuses, with a non-transient error, any trajet with this ref
+/// (until `DROP TRIGGER handler_bug ON trajet`).
+async fn simulate_handler_bug(env: &TestEnv, reference: &str) {
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION handler_bug() RETURNS trigger AS $$ BEGIN \
+           IF NEW.ref = '{reference}' THEN RAISE EXCEPTION 'simulated handler bug'; END IF; \
+           RETURN NEW; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER handler_bug BEFORE INSERT ON trajet FOR EACH ROW EXECUTE FUNCTION handler_bug();"
+    ))
+    .execute(&env.db)
+    .await
+    .unwrap();
 }
