@@ -662,6 +662,7 @@ pub struct GatewayProcess {
     child: tokio::process::Child,
     /// Its stderr.
     pub log: PathBuf,
+    killed: bool,
 }
 
 impl GatewayProcess {
@@ -693,7 +694,11 @@ impl GatewayProcess {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
-        Ok(GatewayProcess { child, log })
+        Ok(GatewayProcess {
+            child,
+            log,
+            killed: false,
+        })
     }
 
     /// SIGKILL, and waits for it to be gone.
@@ -703,14 +708,18 @@ impl GatewayProcess {
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         self.child.start_kill()?;
         self.child.wait().await?;
+        self.killed = true;
         Ok(())
     }
 
-    /// SIGTERM, and waits for a clean exit.
+    /// SIGTERM, and waits for a clean exit (nothing to do for a process [`kill`](Self::kill)ed).
     ///
     /// # Errors
-    /// When it does not exit 0 within a minute.
+    /// When it does not exit 0 within a minute, or had exited by itself.
     pub async fn terminate(mut self) -> anyhow::Result<()> {
+        if self.killed {
+            return Ok(());
+        }
         let pid = self.child.id().ok_or_else(|| anyhow!("already exited"))?;
         let status = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
