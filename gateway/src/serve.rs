@@ -11,7 +11,7 @@ use crate::relay::{self, RelayDeps};
 use crate::worker::{self, WorkerDeps, backoff};
 use anyhow::Context as _;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,13 +29,25 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// # Errors
 /// When the URL is malformed, or the database stays unreachable past `give_up`.
 pub async fn connect_db(config: &Config, give_up: Option<Duration>) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = config
+        .database_url
+        .expose()
+        .parse()
+        .context("TRIO_DATABASE_URL is not a valid PostgreSQL URL")?;
+    // Plan every statement with its actual parameters. sqlx prepares each statement once per
+    // connection; after five executions PostgreSQL may switch to a cached generic plan, and one
+    // built while a table was still small (a fresh database, the first minutes of traffic) keeps
+    // a sequential scan for `= ANY($1)` lookups as the table grows: the benchmark caught inbox
+    // and relation lookups reading the whole table on a third of the batches. A custom plan costs
+    // a fraction of a millisecond per statement and always sees the real table size.
+    let options = options.options([("plan_cache_mode", "force_custom_plan")]);
     let started = tokio::time::Instant::now();
     let mut delays = backoff();
     loop {
         let attempt = PgPoolOptions::new()
             .max_connections(config.db_pool_size)
             .acquire_timeout(Duration::from_secs(5))
-            .connect(config.database_url.expose())
+            .connect_with(options.clone())
             .await;
         match attempt {
             Ok(pool) => return Ok(pool),
