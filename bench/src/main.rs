@@ -1,0 +1,63 @@
+//! `trio-bench`: the TRIO gateway measured side by side with the broker's own relay ceiling
+//! (issue 10). See the README's "Benchmark" section.
+//!
+//! Against the broker and database of `TRIO_AMQP_URL` / `TRIO_DATABASE_URL` (local defaults) and
+//! the management API of `TRIO_AMQP_ADMIN_URL`, in a fresh vhost and database that it removes at
+//! the end, it runs the phases of [`phases`] and prints, as its last line,
+//! `ratio=… gateway=… relay=… p99_ms=… rss_mb=…`. `--quick` runs small counts (a smoke check).
+
+mod amqp;
+mod gateway;
+mod phases;
+mod setup;
+
+use std::process::ExitCode;
+
+/// The shipped `trio-gateway` binary's allocator (see its `main.rs`), so that the gateway this
+/// binary runs as a child process is the one that ships.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(gateway::GATEWAY_ARG) {
+        return report(gateway::run_child());
+    }
+    let mut quick = false;
+    for arg in &args {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "-h" | "--help" => {
+                println!(
+                    "trio-bench [--quick]\n\nBenchmarks the TRIO gateway (release `serve`, default \
+                     settings, as a child process) against a plain lapin relay, in a fresh vhost \
+                     and database. Services: TRIO_AMQP_URL, TRIO_DATABASE_URL, TRIO_AMQP_ADMIN_URL \
+                     (local defaults)."
+                );
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("trio-bench: unknown argument {other:?} (try --help)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return report(Err(e.into())),
+    };
+    report(runtime.block_on(phases::run(quick)))
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trio-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

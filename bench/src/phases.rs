@@ -1,0 +1,652 @@
+//! The phases of issue 10, in order, each printing its figures:
+//!
+//! 1. relay ceiling (plain lapin, quorum → quorum, confirms, ack after confirm);
+//! 2. first contact (new insured: two `relation.set` each, then a first `trajet.upsert`);
+//! 3. gateway 1:1 (`trajet.upsert` → exactly one `trajet.updated`), throughput and latency;
+//! 4. latency at half the throughput of 3, paced;
+//! 5. scale: 3 again with a million cold insured in the database;
+//! 6. backlog: messages queued before `serve` starts; peak RSS and drain rate;
+//! 7. two `serve` processes; throughput, and every trajet at its highest version.
+//!
+//! Every inbound `trajet.upsert` comes from one OA for an insured related to that OA and one GP,
+//! so it yields exactly one outbound `trajet.updated` (to the GP), received on a quorum queue.
+
+use crate::amqp::{self, Message, Publisher, Received, Sink};
+use crate::gateway::{self, Gateway};
+use crate::setup::{GP_ID, OA_ID, World};
+use anyhow::{Context as _, bail};
+use serde_json::json;
+use std::time::{Duration, Instant};
+use trio_gateway::partner::synthetic_niss;
+
+/// Counts for one run.
+struct Sizes {
+    relay: u64,
+    hot: usize,
+    one_to_one: u64,
+    half_load_seconds: f64,
+    cold: u64,
+    backlog: u64,
+    two: u64,
+    /// Give up on a phase when nothing arrived for this long.
+    idle: Duration,
+}
+
+const FULL: Sizes = Sizes {
+    relay: 200_000,
+    hot: 10_000,
+    one_to_one: 200_000,
+    half_load_seconds: 20.0,
+    cold: 1_000_000,
+    backlog: 1_000_000,
+    two: 200_000,
+    idle: Duration::from_secs(90),
+};
+
+// More hot insured than the messages two processes hold unacked (2 × 4 workers × prefetch 200):
+// the upserts of one trajet are then never in flight together, so none is answered `stale`.
+const QUICK: Sizes = Sizes {
+    relay: 5_000,
+    hot: 2_000,
+    one_to_one: 6_000,
+    half_load_seconds: 2.0,
+    cold: 20_000,
+    backlog: 6_000,
+    two: 6_000,
+    idle: Duration::from_secs(60),
+};
+
+/// The sink queue that receives what the gateway sends the GP.
+const GP_QUEUE: &str = "bench.gp";
+const RELAY_IN: &str = "bench.relay.in";
+const RELAY_OUT: &str = "bench.relay.out";
+const WORKERS_PER_PROCESS: u32 = 4;
+
+/// Runs every phase in a fresh world and removes it, whatever happened.
+///
+/// # Errors
+/// When a service is down, a phase fails or loses messages.
+pub async fn run(quick: bool) -> anyhow::Result<()> {
+    let sizes = if quick { &QUICK } else { &FULL };
+    let world = World::create().await?;
+    println!(
+        "trio-bench{}: vhost {} database {} (removed at the end)",
+        if quick { " --quick" } else { "" },
+        world.vhost,
+        world.database
+    );
+    let mut gateways = Vec::new();
+    // Interrupted (Ctrl-C, SIGTERM): still stop the gateways and remove the world.
+    let result = tokio::select! {
+        result = phases(&world, sizes, &mut gateways) => result,
+        () = trio_gateway::serve::termination_signal() => Err(anyhow::anyhow!("interrupted")),
+    };
+    if result.is_err() {
+        for g in &gateways {
+            eprintln!(
+                "gateway log {}:\n{}",
+                g.log.display(),
+                gateway::tail(&g.log)
+            );
+        }
+    }
+    for g in gateways {
+        if let Err(e) = g.stop().await {
+            eprintln!("stopping a gateway: {e:#}");
+        }
+    }
+    report_log_warnings(&world);
+    world.remove().await;
+    let summary = result?;
+    println!("{summary}");
+    Ok(())
+}
+
+/// Prints how many warnings and errors the gateway processes logged, grouped by message.
+fn report_log_warnings(world: &World) {
+    let Ok(entries) = std::fs::read_dir(&world.dir) else {
+        return;
+    };
+    let mut kinds: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for entry in entries.flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in text.lines() {
+            let plain = strip_ansi(line);
+            let Some(at) = plain.find(" WARN ").or_else(|| plain.find(" ERROR ")) else {
+                continue;
+            };
+            let message: String = plain[at..].chars().take(90).collect();
+            *kinds.entry(message).or_default() += 1;
+        }
+    }
+    let total: usize = kinds.values().sum();
+    println!("gateway logs: {total} warning/error line(s)");
+    for (message, count) in kinds {
+        println!("  {count} × {message}");
+    }
+}
+
+/// A log line without its terminal colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The bench's view of the hot insured: NISS and the last version sent for each one's trajet.
+struct Hot {
+    niss: Vec<String>,
+    versions: Vec<i64>,
+}
+
+impl Hot {
+    /// `trajet.upsert` number `k` of a phase: round-robin over the insured, next version.
+    fn upsert(&mut self, phase: u8, k: u64) -> Message {
+        let i = usize::try_from(k).unwrap_or(0) % self.niss.len();
+        self.versions[i] += 1;
+        let body = json!({"niss": self.niss[i], "trajet": {
+            "ref": format!("b{i}"), "type": "rtw_ami", "status": "en_cours",
+            "version": self.versions[i], "start_on": "2026-11-02", "consent": "given"}});
+        Message {
+            exchange: trio_gateway::broker::INBOUND_EXCHANGE,
+            routing_key: "oa".into(),
+            message_type: Some("trajet.upsert"),
+            message_id: format!("p{phase}-{k}"),
+            body: body.to_string().into_bytes(),
+        }
+    }
+}
+
+/// `", N answered stale"` when a delayed batch was overtaken, else nothing.
+fn stale_note(got: &Received) -> String {
+    if got.stale == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({} answered stale: overtaken by a newer version)",
+            got.stale
+        )
+    }
+}
+
+/// Figures of one measured stretch.
+struct Rate {
+    messages: u64,
+    seconds: f64,
+}
+
+impl Rate {
+    fn per_second(&self) -> f64 {
+        self.messages as f64 / self.seconds.max(1e-9)
+    }
+    fn us_per_message(&self) -> f64 {
+        1e6 / self.per_second().max(1e-9)
+    }
+}
+
+/// Throughput from `from` to the last message received; fails when messages are missing, with
+/// the outcomes the gateway recorded for the phase.
+async fn span(
+    world: &World,
+    phase: u8,
+    from: Instant,
+    got: &Received,
+    expected: u64,
+    what: &str,
+) -> anyhow::Result<Rate> {
+    if got.count + got.stale < expected {
+        let outcomes: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT status, code, count(*) FROM inbox WHERE message_id LIKE $1 \
+             GROUP BY status, code ORDER BY 3 DESC",
+        )
+        .bind(format!("p{phase}-%"))
+        .fetch_all(&world.db)
+        .await
+        .unwrap_or_default();
+        let stale: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT message_id, detail FROM inbox WHERE message_id LIKE $1 AND status = 'stale' \
+             ORDER BY received_at LIMIT 5",
+        )
+        .bind(format!("p{phase}-%"))
+        .fetch_all(&world.db)
+        .await
+        .unwrap_or_default();
+        if !stale.is_empty() {
+            eprintln!("{what}: first stale outcomes {stale:?}");
+        }
+        let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&world.db)
+            .await
+            .unwrap_or(-1);
+        bail!(
+            "{what}: received {} of {expected} outbound messages; inbox outcomes {outcomes:?}; \
+             {outbox} outbox rows unpublished",
+            got.count
+        );
+    }
+    let last = got.last.unwrap_or(from);
+    Ok(Rate {
+        messages: expected,
+        seconds: last.saturating_duration_since(from).as_secs_f64(),
+    })
+}
+
+async fn start_gateway(
+    world: &World,
+    gateways: &mut Vec<Gateway>,
+    probe: &lapin::Connection,
+) -> anyhow::Result<()> {
+    static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    let log = world.dir.join(format!("gateway-{n}.log"));
+    gateways.push(Gateway::spawn(&world.gateway_env(), &log)?);
+    let expected = WORKERS_PER_PROCESS * u32::try_from(gateways.len())?;
+    let started = Instant::now();
+    while amqp::consumers_of(probe, "trio.inbound.oa").await < expected {
+        for g in gateways.iter_mut() {
+            g.check_running()?;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("the gateway did not start consuming within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// The OA's `trajet.upsert` traffic over the hot insured, and the sink of what the GP receives.
+struct Traffic<'a> {
+    world: &'a World,
+    oa: &'a Publisher,
+    sink: &'a mut Sink,
+    hot: &'a mut Hot,
+    idle: Duration,
+}
+
+impl Traffic<'_> {
+    /// Publishes `count` upserts (paced when `rate` is set) while collecting their outbound
+    /// messages; returns the first publish and what arrived.
+    async fn run(
+        &mut self,
+        phase: u8,
+        count: u64,
+        rate: Option<f64>,
+    ) -> anyhow::Result<(Instant, Received)> {
+        let hot = &mut *self.hot;
+        tokio::try_join!(
+            self.oa
+                .publish(phase, count, rate, |k| hot.upsert(phase, k)),
+            receive(self.world, self.sink, phase, count, self.idle)
+        )
+    }
+
+    /// [`Traffic::run`] unpaced: throughput from first publish to last outbound received.
+    async fn saturated(
+        &mut self,
+        phase: u8,
+        count: u64,
+        what: &str,
+    ) -> anyhow::Result<(Rate, Received)> {
+        let (first, got) = self.run(phase, count, None).await?;
+        let rate = span(self.world, phase, first, &got, count, what).await?;
+        Ok((rate, got))
+    }
+}
+
+/// Receives the outbound messages of the `sent` inbound ones of `phase`. Stops early (and counts
+/// them) when the gateway answered some `stale`: it has recorded an outcome for every message and
+/// every `accepted` one's outbound message has arrived. Gives up after `idle` without progress
+/// (the caller reports the shortfall).
+async fn receive(
+    world: &World,
+    sink: &mut Sink,
+    phase: u8,
+    sent: u64,
+    idle: Duration,
+) -> anyhow::Result<Received> {
+    let mut got = Received::default();
+    let mut progress = Instant::now();
+    loop {
+        let before = got.count;
+        sink.collect(phase, &mut got, sent, Duration::from_secs(2))
+            .await?;
+        if got.count >= sent {
+            return Ok(got);
+        }
+        let (processed, accepted): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'accepted') FROM inbox \
+             WHERE message_id LIKE $1",
+        )
+        .bind(format!("p{phase}-%"))
+        .fetch_one(&world.db)
+        .await?;
+        let (processed, accepted) = (u64::try_from(processed)?, u64::try_from(accepted)?);
+        if processed >= sent && got.count >= accepted {
+            got.stale = sent - accepted;
+            return Ok(got);
+        }
+        if got.count > before {
+            progress = Instant::now();
+        } else if progress.elapsed() > idle {
+            return Ok(got);
+        }
+    }
+}
+
+async fn phases(
+    world: &World,
+    sizes: &Sizes,
+    gateways: &mut Vec<Gateway>,
+) -> anyhow::Result<String> {
+    let (operator_url, _) = world.operator();
+    let probe = amqp::connect(&operator_url, "trio-bench probe").await?;
+    let setup = probe.create_channel().await?;
+    // Declared here (same arguments as the gateway's) so the sink can bind before `serve` runs.
+    setup
+        .exchange_declare(
+            trio_gateway::broker::OUTBOUND_EXCHANGE,
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    for q in [GP_QUEUE, RELAY_IN, RELAY_OUT] {
+        amqp::declare_quorum(&setup, q).await?;
+    }
+    amqp::bind(
+        &setup,
+        GP_QUEUE,
+        trio_gateway::broker::OUTBOUND_EXCHANGE,
+        &format!("gp.{GP_ID}"),
+    )
+    .await?;
+
+    // 1. Relay ceiling.
+    let (first, got) = relay_run(&operator_url, world, 1, sizes.relay, None, sizes.idle).await?;
+    let relay = span(world, 1, first, &got, sizes.relay, "relay")
+        .await?
+        .per_second();
+    println!(
+        "[1 relay ceiling] {} × 1 KiB, quorum→quorum, 4 relays × batches of 100, confirms, \
+         ack after confirm: {relay:.0} msgs/s",
+        sizes.relay,
+    );
+
+    // 2. First contact.
+    start_gateway(world, gateways, &probe).await?;
+    let operator = Publisher::connect(&operator_url, &world.operator().1).await?;
+    let (oa_user, oa_password) = &world.users[1];
+    let oa = Publisher::connect(&world.amqp_url(oa_user, oa_password), oa_user).await?;
+    let mut sink = Sink::open(&operator_url, GP_QUEUE).await?;
+    let orgs = [
+        json!({"id": OA_ID, "kind": "oa", "name": "OA bench", "broker_user": oa_user, "format": "json"}),
+        json!({"id": GP_ID, "kind": "gp", "name": "GP bench", "broker_user": world.users[2].0, "format": "json"}),
+    ];
+    operator
+        .publish(0, 2, None, |k| {
+            reference("organisation.upsert", k, &orgs[k as usize % 2])
+        })
+        .await?;
+    world
+        .wait_count("SELECT count(*) FROM organisation", 2, sizes.idle)
+        .await?;
+    let mut hot = Hot {
+        niss: (0..sizes.hot)
+            .map(|i| synthetic_niss(u32::try_from(i).unwrap_or(0)))
+            .collect(),
+        versions: vec![0; sizes.hot],
+    };
+    let relations = 2 * sizes.hot as u64;
+    let first = operator
+        .publish(2, relations, None, |k| {
+            let niss = &hot.niss[usize::try_from(k / 2).unwrap_or(0)];
+            let relation = if k % 2 == 0 {
+                json!({"relation": {"kind": "insured_oa", "niss": niss, "oa": OA_ID}})
+            } else {
+                json!({"relation": {"kind": "insured_gp", "niss": niss, "gp": GP_ID}})
+            };
+            reference("relation.set", 1000 + k, &relation)
+        })
+        .await?;
+    world
+        .wait_count(
+            "SELECT count(*) FROM insured_relation",
+            i64::try_from(relations)?,
+            sizes.idle,
+        )
+        .await?;
+    let relations_rate = Rate {
+        messages: relations,
+        seconds: first.elapsed().as_secs_f64(),
+    };
+    let n = sizes.hot as u64;
+    let mut traffic = Traffic {
+        world,
+        oa: &oa,
+        sink: &mut sink,
+        hot: &mut hot,
+        idle: sizes.idle,
+    };
+    let (first_open, got) = traffic.run(2, n, None).await?;
+    let open_rate = span(world, 2, first_open, &got, n, "first contact").await?;
+    println!(
+        "[2 first contact] {} new insured: {} relation.set (first sight of each NISS: P-521) at \
+         {:.0} msgs/s; {} first trajet.upsert (dossier + trajet created) at {:.0} msgs/s; \
+         {:.0} insured/s overall",
+        sizes.hot,
+        relations,
+        relations_rate.per_second(),
+        n,
+        open_rate.per_second(),
+        n as f64 / (relations_rate.seconds + open_rate.seconds)
+    );
+
+    // 3. Gateway 1:1.
+    let (one, got) = traffic
+        .saturated(3, sizes.one_to_one, "gateway 1:1")
+        .await?;
+    let gateway_rate = one.per_second();
+    println!(
+        "[3 gateway 1:1] {} trajet.upsert → {} trajet.updated over {} insured: {:.0} msgs/s \
+         ({:.0} µs/msg, {:.2}× relay); latency p50 {:.1} ms p99 {:.1} ms (saturated){}",
+        sizes.one_to_one,
+        got.count,
+        sizes.hot,
+        gateway_rate,
+        one.us_per_message(),
+        gateway_rate / relay,
+        got.quantile_ms(0.5),
+        got.quantile_ms(0.99),
+        stale_note(&got)
+    );
+
+    // 4. Half load.
+    let half_rate = gateway_rate / 2.0;
+    let half_count = ((half_rate * sizes.half_load_seconds) as u64).max(200);
+    let (_, got) = traffic.run(4, half_count, Some(half_rate)).await?;
+    span(world, 4, Instant::now(), &got, half_count, "half load").await?;
+    let p99_half = got.quantile_ms(0.99);
+    println!(
+        "[4 half load] {half_count} trajet.upsert paced at {half_rate:.0} msgs/s: latency p50 \
+         {:.1} ms p99 {p99_half:.1} ms{}",
+        got.quantile_ms(0.5),
+        stale_note(&got)
+    );
+    // The broker's share of that latency: the plain relay at the same pace.
+    let (_, reference) = relay_run(
+        &operator_url,
+        world,
+        8,
+        half_count,
+        Some(half_rate),
+        sizes.idle,
+    )
+    .await?;
+    span(
+        world,
+        8,
+        Instant::now(),
+        &reference,
+        half_count,
+        "relay at half load",
+    )
+    .await?;
+    println!(
+        "[4 half load] the plain relay at the same pace: latency p50 {:.1} ms p99 {:.1} ms",
+        reference.quantile_ms(0.5),
+        reference.quantile_ms(0.99)
+    );
+
+    // 5. Scale.
+    let seeding = Instant::now();
+    world
+        .seed_cold(sizes.cold)
+        .await
+        .context("seeding cold insured")?;
+    let known: i64 = sqlx::query_scalar("SELECT count(*) FROM dossier")
+        .fetch_one(&world.db)
+        .await?;
+    println!(
+        "[5 scale] seeded {} cold insured in {:.1} s ({known} dossiers known)",
+        sizes.cold,
+        seeding.elapsed().as_secs_f64()
+    );
+    let (scaled, got) = traffic.saturated(5, sizes.one_to_one, "scale").await?;
+    println!(
+        "[5 scale] {} trajet.upsert with {known} insured known: {:.0} msgs/s ({:.0} µs/msg, \
+         {:+.1} % vs {} insured); latency p50 {:.1} ms p99 {:.1} ms{}",
+        sizes.one_to_one,
+        scaled.per_second(),
+        scaled.us_per_message(),
+        (scaled.us_per_message() / one.us_per_message() - 1.0) * 100.0,
+        sizes.hot,
+        got.quantile_ms(0.5),
+        got.quantile_ms(0.99),
+        stale_note(&got)
+    );
+
+    // 6. Backlog.
+    for g in gateways.drain(..) {
+        g.stop().await?;
+    }
+    let queuing = Instant::now();
+    let hot = &mut *traffic.hot;
+    oa.publish(6, sizes.backlog, None, |k| hot.upsert(6, k))
+        .await?;
+    println!(
+        "[6 backlog] {} trajet.upsert queued in {:.1} s with no gateway running",
+        sizes.backlog,
+        queuing.elapsed().as_secs_f64()
+    );
+    start_gateway(world, gateways, &probe).await?;
+    let started = gateways.first().map_or_else(Instant::now, |g| g.started);
+    let got = receive(world, traffic.sink, 6, sizes.backlog, sizes.idle).await?;
+    let drain = span(world, 6, started, &got, sizes.backlog, "backlog").await?;
+    let rss_mb = match gateways.first() {
+        Some(g) => g.peak_rss_mb()?,
+        None => 0.0,
+    };
+    println!(
+        "[6 backlog] drained {} in {:.1} s from process start: {:.0} msgs/s; gateway peak RSS \
+         (VmHWM) {rss_mb:.0} MiB{}",
+        sizes.backlog,
+        drain.seconds,
+        drain.per_second(),
+        stale_note(&got)
+    );
+
+    // 7. Two processes.
+    start_gateway(world, gateways, &probe).await?;
+    let (two, got) = traffic.saturated(7, sizes.two, "two processes").await?;
+    let refs: Vec<String> = (0..sizes.hot).map(|i| format!("b{i}")).collect();
+    let (matching, wrong): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE t.version <> e.v) FROM trajet t \
+         JOIN UNNEST($1::text[], $2::bigint[]) AS e(r, v) \
+           ON t.owner_kind = 'oa' AND t.owner_id = $3 AND t.ref = e.r",
+    )
+    .bind(&refs)
+    .bind(&traffic.hot.versions)
+    .bind(OA_ID)
+    .fetch_one(&world.db)
+    .await?;
+    if matching != i64::try_from(sizes.hot)? || wrong != 0 {
+        bail!(
+            "two processes: {wrong} of {matching} trajets not at their highest version \
+             (expected {} trajets)",
+            sizes.hot
+        );
+    }
+    println!(
+        "[7 two processes] {} trajet.upsert over 2 × serve: {:.0} msgs/s ({:.2}× one process); \
+         all {matching} trajets at their highest version{}",
+        sizes.two,
+        two.per_second(),
+        two.per_second() / gateway_rate,
+        stale_note(&got)
+    );
+
+    Ok(format!(
+        "ratio={:.2} gateway={gateway_rate:.0} relay={relay:.0} p99_ms={p99_half:.1} \
+         rss_mb={rss_mb:.0}",
+        gateway_rate / relay
+    ))
+}
+
+/// Runs the plain relay (4 relays, batches of 100) on `count` 1 KiB messages published at `rate`
+/// (as fast as possible when `None`), and returns the first publish and what arrived.
+async fn relay_run(
+    url: &str,
+    world: &World,
+    phase: u8,
+    count: u64,
+    rate: Option<f64>,
+    idle: Duration,
+) -> anyhow::Result<(Instant, Received)> {
+    let tasks = amqp::spawn_relay(url, RELAY_IN, RELAY_OUT, 4, 100).await?;
+    let publisher = Publisher::connect(url, &world.operator().1).await?;
+    let mut sink = Sink::open(url, RELAY_OUT).await?;
+    let body = vec![b'x'; 1024];
+    let result = tokio::try_join!(
+        publisher.publish(phase, count, rate, |k| Message {
+            exchange: "",
+            routing_key: RELAY_IN.into(),
+            message_type: None,
+            message_id: format!("r{phase}-{k}"),
+            body: body.clone(),
+        }),
+        async {
+            let mut got = Received::default();
+            sink.collect(phase, &mut got, count, idle).await?;
+            anyhow::Ok(got)
+        }
+    );
+    for t in &tasks {
+        t.abort();
+    }
+    result
+}
+
+/// A reference-data message from the operator.
+fn reference(message_type: &'static str, k: u64, body: &serde_json::Value) -> Message {
+    Message {
+        exchange: trio_gateway::broker::INBOUND_EXCHANGE,
+        routing_key: "reference".into(),
+        message_type: Some(message_type),
+        message_id: format!("ref-{k}"),
+        body: body.to_string().into_bytes(),
+    }
+}

@@ -1,0 +1,44 @@
+//! CI smoke check of the benchmark: `trio-bench --quick` runs every phase with small counts
+//! against the real broker and database, exits 0, and ends with the summary line whose five
+//! figures are all positive. With a service down it fails, saying which.
+
+use std::process::Command;
+
+#[test]
+fn quick_benchmark_runs_every_phase_and_prints_the_summary() {
+    let output = Command::new(env!("CARGO_BIN_EXE_trio-bench"))
+        .arg("--quick")
+        .output()
+        .expect("starting trio-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "trio-bench --quick failed ({}); are RabbitMQ (with rabbitmq_management) and PostgreSQL \
+         running?\n--- stdout\n{stdout}\n--- stderr (end)\n{}",
+        output.status,
+        tail(&stderr, 40)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    let fields: Vec<(&str, f64)> = last
+        .split_whitespace()
+        .filter_map(|field| {
+            let (name, value) = field.split_once('=')?;
+            Some((name, value.parse().ok()?))
+        })
+        .collect();
+    let names: Vec<&str> = fields.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names,
+        ["ratio", "gateway", "relay", "p99_ms", "rss_mb"],
+        "unexpected last line: {last:?}"
+    );
+    for (name, value) in &fields {
+        assert!(*value > 0.0, "{name} is not positive in {last:?}");
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
