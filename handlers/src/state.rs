@@ -173,10 +173,12 @@ pub(crate) struct State {
 
 impl State {
     /// Loads everything `needs` names, inside the batch transaction (after its locks).
-    pub(crate) async fn load(conn: &mut PgConnection, needs: &Needs) -> sqlx::Result<State> {
-        let now: OffsetDateTime = sqlx::query_scalar("SELECT now()")
-            .fetch_one(&mut *conn)
-            .await?;
+    /// `now` is the transaction's time (`now()`), read with the batch's locks.
+    pub(crate) async fn load(
+        conn: &mut PgConnection,
+        needs: &Needs,
+        now: OffsetDateTime,
+    ) -> sqlx::Result<State> {
         let mut state = State {
             now,
             orgs: HashMap::new(),
@@ -272,14 +274,18 @@ impl State {
         }
 
         let employers: Vec<String> = employers.into_iter().collect();
-        let rows = sqlx::query(
-            "SELECT s.employer, s.sepp, s.valid_until FROM UNNEST($1::text[]) AS k(e) \
+        let rows = if employers.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query(
+                "SELECT s.employer, s.sepp, s.valid_until FROM UNNEST($1::text[]) AS k(e) \
              CROSS JOIN LATERAL (SELECT employer, sepp, valid_until FROM employer_sepp \
                                  WHERE employer = k.e AND valid_until > now() OFFSET 0) s",
-        )
-        .bind(&employers)
-        .fetch_all(&mut *conn)
-        .await?;
+            )
+            .bind(&employers)
+            .fetch_all(&mut *conn)
+            .await?
+        };
         for row in rows {
             let sepp: String = row.try_get("sepp")?;
             org_keys.insert((OrgKind::Sepp, sepp.clone()));
