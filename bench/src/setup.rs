@@ -7,6 +7,7 @@ use sqlx::{Executor as _, PgPool};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use trio_gateway::admin::{self, BrokerAdmin};
+use trio_gateway::config::database_url_for;
 
 /// The OA that sends every `trajet.upsert`.
 pub const OA_ID: &str = "301";
@@ -40,19 +41,6 @@ fn env_or(name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_owned())
 }
 
-/// `base` with its database name replaced by `name`.
-fn db_url(base: &str, name: &str) -> String {
-    let (head, query) = match base.split_once('?') {
-        Some((h, q)) => (h, format!("?{q}")),
-        None => (base, String::new()),
-    };
-    let scheme_end = head.find("://").map_or(0, |i| i + 3);
-    let host_end = head[scheme_end..]
-        .find('/')
-        .map_or(head.len(), |i| scheme_end + i);
-    format!("{}/{name}{query}", &head[..host_end])
-}
-
 impl World {
     /// Creates the vhost, users, database and domain file.
     ///
@@ -78,7 +66,7 @@ impl World {
         let server = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(5))
-            .connect(&db_url(&db_base, "postgres"))
+            .connect(&database_url_for(&db_base, "postgres"))
             .await
             .with_context(|| {
                 format!(
@@ -92,7 +80,7 @@ impl World {
             "creating the bench vhost (is RabbitMQ running with rabbitmq_management enabled?)",
         )?;
         let created = async {
-            admin.grant(&vhost, operator_user(&amqp_base)).await?;
+            admin.grant(&vhost, admin::user_of(&amqp_base)).await?;
             for (i, (user, password)) in users.iter().enumerate() {
                 // The gateway dead-letters with the sender's user_id: it needs `impersonator`.
                 let tags = if i == 0 { "impersonator" } else { "" };
@@ -108,10 +96,10 @@ impl World {
                 "trio-bench",
                 "urn:be:trio:gateway:pseudo:bench",
             );
-            write_secret(&dir.join("domain.json"), &domain.to_json())?;
+            trio_gateway::cli::write_secret(&dir.join("domain.json"), &domain.to_json())?;
             let db = PgPoolOptions::new()
                 .max_connections(4)
-                .connect(&db_url(&db_base, &database))
+                .connect(&database_url_for(&db_base, &database))
                 .await
                 .context("connecting to the bench database")?;
             anyhow::Ok(db)
@@ -132,7 +120,8 @@ impl World {
             Ok(db) => Ok(world(db)),
             Err(e) => {
                 // Remove what was created before the failure.
-                let lazy = PgPoolOptions::new().connect_lazy(&db_url(&db_base, &database))?;
+                let lazy =
+                    PgPoolOptions::new().connect_lazy(&database_url_for(&db_base, &database))?;
                 world(lazy).remove().await;
                 Err(e)
             }
@@ -146,7 +135,7 @@ impl World {
 
     /// The operator's (reference data) URL and user name.
     pub fn operator(&self) -> (String, String) {
-        let user = operator_user(&self.amqp_base).to_owned();
+        let user = admin::user_of(&self.amqp_base).to_owned();
         let password = self
             .amqp_base
             .split_once("://")
@@ -166,7 +155,7 @@ impl World {
             ("TRIO_AMQP_URL".into(), self.amqp_url(user, password)),
             (
                 "TRIO_DATABASE_URL".into(),
-                db_url(&self.db_base, &self.database),
+                database_url_for(&self.db_base, &self.database),
             ),
             (
                 "TRIO_PSEUDO_DOMAIN_FILE".into(),
@@ -174,7 +163,7 @@ impl World {
             ),
             (
                 "TRIO_OPERATOR_USERS".into(),
-                operator_user(&self.amqp_base).to_owned(),
+                admin::user_of(&self.amqp_base).to_owned(),
             ),
         ]
     }
@@ -194,7 +183,7 @@ impl World {
             let server = PgPoolOptions::new()
                 .max_connections(1)
                 .acquire_timeout(Duration::from_secs(5))
-                .connect(&db_url(&self.db_base, "postgres"))
+                .connect(&database_url_for(&self.db_base, "postgres"))
                 .await?;
             server
                 .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database).as_str())
@@ -316,53 +305,5 @@ impl World {
         }
         self.db.execute("CHECKPOINT").await?;
         Ok(())
-    }
-}
-
-/// The user of the operator URL (reference data publisher).
-fn operator_user(amqp_base: &str) -> &str {
-    amqp_base
-        .split_once("://")
-        .and_then(|(_, r)| r.rsplit_once('@'))
-        .and_then(|(cred, _)| cred.split_once(':'))
-        .map_or("guest", |(u, _)| u)
-}
-
-fn write_secret(path: &std::path::Path, content: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(content.as_bytes())?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn database_urls() {
-        assert_eq!(
-            db_url("postgres://postgres@127.0.0.1:5432/trio", "x"),
-            "postgres://postgres@127.0.0.1:5432/x"
-        );
-        assert_eq!(
-            db_url("postgres://postgres@127.0.0.1:5432", "x"),
-            "postgres://postgres@127.0.0.1:5432/x"
-        );
-        assert_eq!(
-            db_url("postgres://u:p@h/db?sslmode=disable", "x"),
-            "postgres://u:p@h/x?sslmode=disable"
-        );
-        assert_eq!(
-            operator_user("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "guest"
-        );
     }
 }

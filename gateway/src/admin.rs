@@ -169,6 +169,15 @@ fn encode(segment: &str) -> String {
         .collect()
 }
 
+/// The user named in an AMQP URL (`guest` when it names none).
+pub fn user_of(amqp_url: &str) -> &str {
+    amqp_url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.rsplit_once('@'))
+        .and_then(|(credentials, _)| credentials.split_once(':'))
+        .map_or("guest", |(user, _)| user)
+}
+
 /// The AMQP URL for another user and vhost on the same broker as `base`
 /// (`amqp://user:password@host:port/vhost`).
 pub fn amqp_url_for(base: &str, user: &str, password: &str, vhost: &str) -> String {
@@ -220,6 +229,12 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_of_reads_the_user_of_an_amqp_url() {
+        assert_eq!(user_of("amqp://t-oa-300:pw@127.0.0.1:5672/v"), "t-oa-300");
+        assert_eq!(user_of("amqp://127.0.0.1:5672/%2f"), "guest");
+    }
 
     #[test]
     fn urls_for_other_users_and_vhosts() {

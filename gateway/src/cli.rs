@@ -165,8 +165,11 @@ where
     }
 }
 
-/// Writes a file readable by its owner only.
-fn write_secret(path: &std::path::Path, content: &str) -> anyhow::Result<()> {
+/// Writes a file readable by its owner only (a pseudonymisation domain: it holds the key).
+///
+/// # Errors
+/// When the file cannot be written.
+pub fn write_secret(path: &std::path::Path, content: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);

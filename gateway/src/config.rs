@@ -33,6 +33,19 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
+/// `base` (a PostgreSQL URL) with its database name replaced by `name`, keeping any `?query`.
+pub fn database_url_for(base: &str, name: &str) -> String {
+    let (head, query) = match base.split_once('?') {
+        Some((h, q)) => (h, format!("?{q}")),
+        None => (base, String::new()),
+    };
+    let scheme_end = head.find("://").map_or(0, |i| i + 3);
+    let host_end = head[scheme_end..]
+        .find('/')
+        .map_or(head.len(), |i| scheme_end + i);
+    format!("{}/{name}{query}", &head[..host_end])
+}
+
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -157,6 +170,22 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_urls_name_another_database() {
+        assert_eq!(
+            database_url_for("postgres://postgres@127.0.0.1:5432/trio", "x"),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            database_url_for("postgres://postgres@127.0.0.1:5432", "x"),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            database_url_for("postgres://u:p@h/db?sslmode=disable", "x"),
+            "postgres://u:p@h/x?sslmode=disable"
+        );
+    }
 
     #[test]
     fn urls_never_print_their_password() {

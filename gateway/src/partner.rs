@@ -76,11 +76,7 @@ impl Partner {
     /// # Errors
     /// Connection failures.
     pub async fn connect(amqp_url: &str) -> anyhow::Result<Self> {
-        let user = amqp_url
-            .split_once("://")
-            .and_then(|(_, rest)| rest.split_once(':'))
-            .map(|(u, _)| u.to_owned())
-            .unwrap_or_else(|| "guest".to_owned());
+        let user = crate::admin::user_of(amqp_url).to_owned();
         let connection = Connection::connect(amqp_url, ConnectionProperties::default())
             .await
             .with_context(|| format!("connecting as {user}"))?;

@@ -164,7 +164,7 @@ impl TestEnv {
             .execute(&admin_db)
             .await?;
         admin_db.close().await;
-        let db_url = replace_db(&services.database_url, &db_name);
+        let db_url = trio_gateway::config::database_url_for(&services.database_url, &db_name);
         let amqp_url = admin::amqp_url_for(&services.amqp_url, GATEWAY_USER, GATEWAY_USER, &name);
         let config = Config {
             amqp_url: SecretUrl::new(amqp_url),
@@ -402,13 +402,6 @@ pub fn recent_warnings() -> String {
         .filter(|l| (l.contains("WARN") || l.contains("ERROR")) && !l.contains("Connection reset"))
         .collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-fn replace_db(url: &str, db: &str) -> String {
-    match url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => format!("{url}/{db}"),
-    }
 }
 
 /// Fails with a clear message.
