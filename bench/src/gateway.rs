@@ -62,6 +62,11 @@ impl Gateway {
         })
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Fails when the process has already exited (with the end of its log).
     ///
     /// # Errors

@@ -4,9 +4,11 @@
 //! Against the broker and database of `TRIO_AMQP_URL` / `TRIO_DATABASE_URL` (local defaults) and
 //! the management API of `TRIO_AMQP_ADMIN_URL`, in a fresh vhost and database that it removes at
 //! the end, it runs the phases of [`phases`] and prints, as its last line,
-//! `ratio=… gateway=… relay=… p99_ms=… rss_mb=…`. `--quick` runs small counts (a smoke check).
+//! `ratio=… gateway=… relay=… p99_ms=… rss_mb=…`. `--quick` runs small counts (a smoke check);
+//! `--messages N` sets the message count of the 1:1, scale and two-process phases.
 
 mod amqp;
+mod cpu;
 mod gateway;
 mod phases;
 mod setup;
@@ -24,15 +26,26 @@ fn main() -> ExitCode {
         return report(gateway::run_child());
     }
     let mut quick = false;
-    for arg in &args {
+    let mut messages: Option<u64> = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
+            "--messages" => match args.next().and_then(|n| n.parse().ok()) {
+                Some(n) if n > 0 => messages = Some(n),
+                _ => {
+                    eprintln!("trio-bench: --messages takes a positive count");
+                    return ExitCode::from(2);
+                }
+            },
             "-h" | "--help" => {
                 println!(
-                    "trio-bench [--quick]\n\nBenchmarks the TRIO gateway (release `serve`, default \
+                    "trio-bench [--quick] [--messages N]\n\nBenchmarks the TRIO gateway (release `serve`, default \
                      settings, as a child process) against a plain lapin relay, in a fresh vhost \
                      and database. Services: TRIO_AMQP_URL, TRIO_DATABASE_URL, TRIO_AMQP_ADMIN_URL \
-                     (local defaults)."
+                     (local defaults).\n\n--quick          small counts (a smoke check)\n--messages N     \
+                     trajet.upsert count of the 1:1, scale and two-process phases (e.g. a longer \
+                     1:1 phase to profile)"
                 );
                 return ExitCode::SUCCESS;
             }
@@ -49,7 +62,7 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return report(Err(e.into())),
     };
-    report(runtime.block_on(phases::run(quick)))
+    report(runtime.block_on(phases::run(quick, messages)))
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

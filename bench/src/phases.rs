@@ -12,6 +12,7 @@
 //! so it yields exactly one outbound `trajet.updated` (to the GP), received on a quorum queue.
 
 use crate::amqp::{self, Message, Publisher, Received, Sink};
+use crate::cpu;
 use crate::gateway::{self, Gateway};
 use crate::setup::{GP_ID, OA_ID, World};
 use anyhow::{Context as _, bail};
@@ -62,12 +63,18 @@ const RELAY_IN: &str = "bench.relay.in";
 const RELAY_OUT: &str = "bench.relay.out";
 const WORKERS_PER_PROCESS: u32 = 4;
 
-/// Runs every phase in a fresh world and removes it, whatever happened.
+/// Runs every phase in a fresh world and removes it, whatever happened. `messages` overrides the
+/// message count of phases 3, 5 and 7.
 ///
 /// # Errors
 /// When a service is down, a phase fails or loses messages.
-pub async fn run(quick: bool) -> anyhow::Result<()> {
-    let sizes = if quick { &QUICK } else { &FULL };
+pub async fn run(quick: bool, messages: Option<u64>) -> anyhow::Result<()> {
+    let mut sizes = if quick { QUICK } else { FULL };
+    if let Some(n) = messages {
+        sizes.one_to_one = n;
+        sizes.two = n;
+    }
+    let sizes = &sizes;
     let world = World::create().await?;
     println!(
         "trio-bench{}: vhost {} database {} (removed at the end)",
@@ -142,6 +149,11 @@ fn strip_ansi(line: &str) -> String {
         }
     }
     out
+}
+
+/// The gateway processes' pids.
+fn pids(gateways: &[Gateway]) -> Vec<u32> {
+    gateways.iter().map(Gateway::pid).collect()
 }
 
 /// The bench's view of the hot insured: NISS and the last version sent for each one's trajet.
@@ -456,9 +468,15 @@ async fn phases(
     );
 
     // 3. Gateway 1:1.
+    let cpu_before = cpu::snapshot(&pids(gateways));
     let (one, got) = traffic
         .saturated(3, sizes.one_to_one, "gateway 1:1")
         .await?;
+    let cpu_one = cpu::PerMessage::between(
+        &cpu_before,
+        &cpu::snapshot(&pids(gateways)),
+        sizes.one_to_one,
+    );
     let gateway_rate = one.per_second();
     println!(
         "[3 gateway 1:1] {} trajet.upsert → {} trajet.updated over {} insured: {:.0} msgs/s \
@@ -473,11 +491,15 @@ async fn phases(
         got.quantile_ms(0.99),
         stale_note(&got)
     );
+    println!("[3 gateway 1:1] {cpu_one}");
 
     // 4. Half load.
     let half_rate = gateway_rate / 2.0;
     let half_count = ((half_rate * sizes.half_load_seconds) as u64).max(200);
+    let cpu_before = cpu::snapshot(&pids(gateways));
     let (_, got) = traffic.run(4, half_count, Some(half_rate)).await?;
+    let cpu_half =
+        cpu::PerMessage::between(&cpu_before, &cpu::snapshot(&pids(gateways)), half_count);
     span(world, 4, Instant::now(), &got, half_count, "half load").await?;
     let p99_half = got.quantile_ms(0.99);
     println!(
@@ -486,6 +508,7 @@ async fn phases(
         got.quantile_ms(0.5),
         stale_note(&got)
     );
+    println!("[4 half load] {cpu_half}");
     // The broker's share of that latency: the plain relay at the same pace.
     let (_, reference) = relay_run(
         &operator_url,
@@ -525,7 +548,13 @@ async fn phases(
         sizes.cold,
         seeding.elapsed().as_secs_f64()
     );
+    let cpu_before = cpu::snapshot(&pids(gateways));
     let (scaled, got) = traffic.saturated(5, sizes.one_to_one, "scale").await?;
+    let cpu_scaled = cpu::PerMessage::between(
+        &cpu_before,
+        &cpu::snapshot(&pids(gateways)),
+        sizes.one_to_one,
+    );
     println!(
         "[5 scale] {} trajet.upsert with {known} insured known: {:.0} msgs/s ({:.0} µs/msg, \
          {:+.1} % vs {} insured); latency p50 {:.1} ms p99 {:.1} ms{}",
@@ -538,6 +567,7 @@ async fn phases(
         got.quantile_ms(0.99),
         stale_note(&got)
     );
+    println!("[5 scale] {cpu_scaled}");
 
     // 6. Backlog.
     for g in gateways.drain(..) {

@@ -73,7 +73,8 @@ pub struct Config {
     pub relays: usize,
     /// `TRIO_BROKER_TIMEOUT_MS`: the longest any broker call may take (default 10 s).
     pub broker_timeout: Duration,
-    /// `TRIO_DB_POOL_SIZE`: PostgreSQL connections (default workers + relays + 2).
+    /// `TRIO_DB_POOL_SIZE`: PostgreSQL connections of the workers (default workers + 2); the relays
+    /// and the sweeper have `relays + 1` of their own.
     pub db_pool_size: u32,
     /// `TRIO_MAX_MESSAGE_BYTES`: larger bodies are dead-lettered `too_large` (default 1 MiB).
     pub max_message_bytes: usize,
@@ -95,7 +96,7 @@ impl Default for Config {
             delivery_limit: 5,
             relays: workers,
             broker_timeout: Duration::from_secs(10),
-            db_pool_size: 10,
+            db_pool_size: 6,
             max_message_bytes: 1024 * 1024,
         }
     }
@@ -159,7 +160,7 @@ impl Config {
             broker_timeout: Duration::from_millis(number("TRIO_BROKER_TIMEOUT_MS", 10_000)?),
             db_pool_size: number(
                 "TRIO_DB_POOL_SIZE",
-                u32::try_from(workers + relays + 2).unwrap_or(16),
+                u32::try_from(workers + 2).unwrap_or(16),
             )?
             .max(2),
             max_message_bytes: number("TRIO_MAX_MESSAGE_BYTES", d.max_message_bytes)?,

@@ -1,19 +1,25 @@
 //! The batch's view of the database.
 //!
-//! A batch is loaded with one query per table (every row its messages can touch), changed in
+//! A batch is loaded with one statement (every row its messages can touch, [`LOAD`]), changed in
 //! memory by the handlers in delivery order — so a later message sees an earlier one's effects —
-//! and written back with one multi-row `UNNEST` statement per table. The number of round trips
-//! per batch is therefore fixed, whatever the batch size: this is what lets one transaction carry
-//! a hundred messages.
+//! and written back with multi-row `UNNEST` statements: one for the tables every message writes
+//! (trajets, history, inbox, outbox: [`FLUSH_HOT`]), and one per table for the rarer writes
+//! (organisations, insured facts, relations, affiliations, new dossiers). The number of round
+//! trips per batch is therefore fixed, whatever the batch size — on the hot path: begin, locks,
+//! load, flush, commit — and this is what lets one transaction carry a hundred messages, and a
+//! small batch at low load finish in a few milliseconds.
 //!
 //! Lookups by a batch's keys are written `UNNEST(keys) CROSS JOIN LATERAL (… WHERE key = k …
 //! OFFSET 0)`: one index probe per key, whatever the planner's estimates. With `key = ANY($1)`
 //! PostgreSQL chose sequential scans (comparing every row with every key) on tables of a few
 //! ten thousand rows, which the benchmark showed to be most of the database's CPU; `OFFSET 0`
 //! keeps the subquery from being flattened back into a join the planner could do the same with.
+//! The plan is then the same for every batch, so the generic plan PostgreSQL caches for a
+//! prepared statement is the right one and no batch pays for planning.
 
 use crate::outbound::OutboundMessage;
 use crate::outcome::{Outcome, Status};
+use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use time::{Date, OffsetDateTime};
@@ -144,6 +150,108 @@ pub(crate) struct Needs {
     pub max_new_dossiers: usize,
 }
 
+/// A batch's whole view of the database in one statement, so one round trip (about a
+/// millisecond on a busy machine, which is what a small batch's time is made of) whatever the
+/// batch holds. Every lookup probes an index once per key (`UNNEST … CROSS JOIN LATERAL (…
+/// OFFSET 0)`: the plan is the same for every batch size, so PostgreSQL can keep one generic
+/// plan), and each table comes back as one array per column (`array_agg` in one aggregate, so
+/// the arrays of a table are in the same row order).
+///
+/// What it follows, in order: the insured (and up to four NISS replacements onward), their
+/// current relations, the employers named or related and their current SEPPs, the organisations
+/// named, related or publishing, the insured's dossiers and their trajets, the batch's
+/// idempotency keys already in the inbox, and ids for the dossiers the batch may create (`$8`,
+/// less those that exist).
+const LOAD: &str = "
+WITH RECURSIVE ins AS (
+    SELECT i.pseudonym, i.died_on, i.replaced_by, 1 AS depth
+    FROM UNNEST($1::text[]) AS k(p)
+    CROSS JOIN LATERAL (SELECT pseudonym, died_on, replaced_by FROM insured
+                        WHERE pseudonym = k.p OFFSET 0) i
+    UNION ALL
+    SELECT i.pseudonym, i.died_on, i.replaced_by, ins.depth + 1
+    FROM ins
+    CROSS JOIN LATERAL (SELECT pseudonym, died_on, replaced_by FROM insured
+                        WHERE pseudonym = ins.replaced_by OFFSET 0) i
+    WHERE ins.depth < 5
+), pseudo AS (
+    SELECT p FROM UNNEST($1::text[]) AS k(p)
+    UNION SELECT replaced_by FROM ins WHERE replaced_by IS NOT NULL
+), rel AS (
+    SELECT r.* FROM pseudo
+    CROSS JOIN LATERAL (SELECT pseudonym, org_kind, org_id, valid_until FROM insured_relation
+                        WHERE pseudonym = pseudo.p AND valid_until > now() OFFSET 0) r
+), emp AS (
+    SELECT e FROM UNNEST($2::text[]) AS k(e)
+    UNION SELECT org_id FROM rel WHERE org_kind = 'employer'
+), es AS (
+    SELECT s.* FROM emp
+    CROSS JOIN LATERAL (SELECT employer, sepp, valid_until FROM employer_sepp
+                        WHERE employer = emp.e AND valid_until > now() OFFSET 0) s
+), org_key AS (
+    SELECT kind, id FROM UNNEST($3::text[], $4::text[]) AS k(kind, id)
+    UNION SELECT org_kind, org_id FROM rel WHERE org_kind IN ('oa', 'gp', 'rp')
+    UNION SELECT 'sepp', sepp FROM es
+), org AS (
+    SELECT o.* FROM org_key
+    CROSS JOIN LATERAL (SELECT kind, id, name, broker_user, format FROM organisation
+                        WHERE kind = org_key.kind AND id = org_key.id OFFSET 0) o
+    UNION
+    SELECT o.* FROM UNNEST($5::text[]) AS k(u)
+    CROSS JOIN LATERAL (SELECT kind, id, name, broker_user, format FROM organisation
+                        WHERE broker_user = k.u OFFSET 0) o
+), dos AS (
+    SELECT d.* FROM pseudo
+    CROSS JOIN LATERAL (SELECT id, number, pseudonym, merged_into FROM dossier
+                        WHERE pseudonym = pseudo.p OFFSET 0) d
+), traj AS (
+    SELECT t.* FROM dos
+    CROSS JOIN LATERAL (SELECT owner_kind, owner_id, ref, dossier_id, type, status, version,
+                               request_received_on, start_on, end_on, consent
+                        FROM trajet WHERE dossier_id = dos.id OFFSET 0) t
+), inb AS (
+    SELECT i.* FROM UNNEST($6::text[], $7::text[]) AS k(s, m)
+    CROSS JOIN LATERAL (SELECT sender, message_id, status, code, detail, result::text AS result
+                        FROM inbox WHERE sender = k.s AND message_id = k.m OFFSET 0) i
+), spare AS (
+    SELECT nextval('dossier_id_seq') AS id
+    FROM generate_series(1, $8::int - (SELECT count(*)::int FROM dos))
+)
+SELECT * FROM
+    (SELECT array_agg(pseudonym) AS ins_pseudonym, array_agg(died_on) AS ins_died_on,
+            array_agg(replaced_by) AS ins_replaced_by FROM ins) AS ins_,
+    (SELECT array_agg(pseudonym) AS rel_pseudonym, array_agg(org_kind) AS rel_org_kind,
+            array_agg(org_id) AS rel_org_id, array_agg(valid_until) AS rel_valid_until
+     FROM rel) AS rel_,
+    (SELECT array_agg(employer) AS es_employer, array_agg(sepp) AS es_sepp,
+            array_agg(valid_until) AS es_valid_until FROM es) AS es_,
+    (SELECT array_agg(kind) AS org_kind, array_agg(id) AS org_id, array_agg(name) AS org_name,
+            array_agg(broker_user) AS org_broker_user, array_agg(format) AS org_format
+     FROM org) AS org_,
+    (SELECT array_agg(id) AS dos_id, array_agg(number) AS dos_number,
+            array_agg(pseudonym) AS dos_pseudonym, array_agg(merged_into) AS dos_merged_into
+     FROM dos) AS dos_,
+    (SELECT array_agg(owner_kind) AS t_owner_kind, array_agg(owner_id) AS t_owner_id,
+            array_agg(ref) AS t_ref, array_agg(dossier_id) AS t_dossier_id,
+            array_agg(type) AS t_type, array_agg(status) AS t_status,
+            array_agg(version) AS t_version,
+            array_agg(request_received_on) AS t_request_received_on,
+            array_agg(start_on) AS t_start_on, array_agg(end_on) AS t_end_on,
+            array_agg(consent) AS t_consent FROM traj) AS traj_,
+    (SELECT array_agg(sender) AS inbox_sender, array_agg(message_id) AS inbox_message_id,
+            array_agg(status) AS inbox_status, array_agg(code) AS inbox_code,
+            array_agg(detail) AS inbox_detail, array_agg(result) AS inbox_result
+     FROM inb) AS inb_,
+    (SELECT array_agg(id) AS spare_dossier_ids FROM spare) AS spare_";
+
+/// One column of [`LOAD`]'s row: an array, `NULL` (no rows) read as empty.
+fn column<T>(row: &PgRow, name: &str) -> sqlx::Result<Vec<T>>
+where
+    for<'r> Vec<T>: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    Ok(row.try_get::<Option<Vec<T>>, _>(name)?.unwrap_or_default())
+}
+
 /// The in-memory view of one batch, with its pending writes.
 pub(crate) struct State {
     pub now: OffsetDateTime,
@@ -203,122 +311,96 @@ impl State {
             outbox: Vec::new(),
         };
 
-        // Insured facts first: a replaced NISS redirects to its successor, which is loaded too.
-        let mut pseudonyms: Vec<String> = needs.pseudonyms.iter().cloned().collect();
-        let mut pending = pseudonyms.clone();
-        for _ in 0..4 {
-            if pending.is_empty() {
-                break;
-            }
-            let rows = sqlx::query(
-                "SELECT i.pseudonym, i.died_on, i.replaced_by FROM UNNEST($1::text[]) AS k(p) \
-                 CROSS JOIN LATERAL (SELECT pseudonym, died_on, replaced_by FROM insured \
-                                     WHERE pseudonym = k.p OFFSET 0) i",
-            )
-            .bind(&pending)
-            .fetch_all(&mut *conn)
-            .await?;
-            pending.clear();
-            for row in rows {
-                let facts = InsuredFacts {
-                    died_on: row.try_get("died_on")?,
-                    replaced_by: row.try_get("replaced_by")?,
-                };
-                if let Some(next) = &facts.replaced_by
-                    && !pseudonyms.contains(next)
-                {
-                    pseudonyms.push(next.clone());
-                    pending.push(next.clone());
-                }
-                state.insured.insert(row.try_get("pseudonym")?, facts);
-            }
-        }
-
-        let rows = sqlx::query(
-            "SELECT r.pseudonym, r.org_kind, r.org_id, r.valid_until \
-             FROM UNNEST($1::text[]) AS k(p) \
-             CROSS JOIN LATERAL (SELECT pseudonym, org_kind, org_id, valid_until \
-                                 FROM insured_relation \
-                                 WHERE pseudonym = k.p AND valid_until > now() OFFSET 0) r",
-        )
-        .bind(&pseudonyms)
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut employers: BTreeSet<String> = needs.employers.clone();
-        let mut org_keys: BTreeSet<OrgKey> = needs.orgs.clone();
-        for row in rows {
-            let kind_code: String = row.try_get("org_kind")?;
-            let Some(kind) = RelKind::parse(&kind_code) else {
-                continue;
-            };
-            let org_id: String = row.try_get("org_id")?;
-            match kind {
-                RelKind::Employer => {
-                    employers.insert(org_id.clone());
-                }
-                RelKind::Oa => {
-                    org_keys.insert((OrgKind::Oa, org_id.clone()));
-                }
-                RelKind::Gp => {
-                    org_keys.insert((OrgKind::Gp, org_id.clone()));
-                }
-                RelKind::Rp => {
-                    org_keys.insert((OrgKind::Rp, org_id.clone()));
-                }
-            }
-            state
-                .relations
-                .entry(row.try_get("pseudonym")?)
-                .or_default()
-                .insert((kind, org_id), row.try_get("valid_until")?);
-        }
-
-        let employers: Vec<String> = employers.into_iter().collect();
-        let rows = if employers.is_empty() {
-            Vec::new()
-        } else {
-            sqlx::query(
-                "SELECT s.employer, s.sepp, s.valid_until FROM UNNEST($1::text[]) AS k(e) \
-             CROSS JOIN LATERAL (SELECT employer, sepp, valid_until FROM employer_sepp \
-                                 WHERE employer = k.e AND valid_until > now() OFFSET 0) s",
-            )
+        let pseudonyms: Vec<&str> = needs.pseudonyms.iter().map(String::as_str).collect();
+        let employers: Vec<&str> = needs.employers.iter().map(String::as_str).collect();
+        let (org_kinds, org_ids): (Vec<&str>, Vec<&str>) = needs
+            .orgs
+            .iter()
+            .map(|(kind, id)| (kind.as_str(), id.as_str()))
+            .unzip();
+        let users: Vec<&str> = needs.broker_users.iter().map(String::as_str).collect();
+        let (senders, message_ids): (Vec<&str>, Vec<&str>) = needs
+            .inbox_keys
+            .iter()
+            .map(|(s, m)| (s.as_str(), m.as_str()))
+            .unzip();
+        let new_dossiers = needs.max_new_dossiers.min(needs.pseudonyms.len());
+        let row = sqlx::query(LOAD)
+            .bind(&pseudonyms)
             .bind(&employers)
-            .fetch_all(&mut *conn)
-            .await?
-        };
-        for row in rows {
-            let sepp: String = row.try_get("sepp")?;
-            org_keys.insert((OrgKind::Sepp, sepp.clone()));
+            .bind(&org_kinds)
+            .bind(&org_ids)
+            .bind(&users)
+            .bind(&senders)
+            .bind(&message_ids)
+            .bind(i32::try_from(new_dossiers).unwrap_or(i32::MAX))
+            .fetch_one(&mut *conn)
+            .await?;
+
+        let loaded: Vec<String> = column(&row, "ins_pseudonym")?;
+        let died_on: Vec<Option<Date>> = column(&row, "ins_died_on")?;
+        let replaced_by: Vec<Option<String>> = column(&row, "ins_replaced_by")?;
+        for ((pseudonym, died_on), replaced_by) in loaded.into_iter().zip(died_on).zip(replaced_by)
+        {
+            state.insured.insert(
+                pseudonym,
+                InsuredFacts {
+                    died_on,
+                    replaced_by,
+                },
+            );
+        }
+
+        let pseudonym: Vec<String> = column(&row, "rel_pseudonym")?;
+        let org_kind: Vec<String> = column(&row, "rel_org_kind")?;
+        let org_id: Vec<String> = column(&row, "rel_org_id")?;
+        let valid_until: Vec<OffsetDateTime> = column(&row, "rel_valid_until")?;
+        for (((pseudonym, org_kind), org_id), valid_until) in pseudonym
+            .into_iter()
+            .zip(org_kind)
+            .zip(org_id)
+            .zip(valid_until)
+        {
+            if let Some(kind) = RelKind::parse(&org_kind) {
+                state
+                    .relations
+                    .entry(pseudonym)
+                    .or_default()
+                    .insert((kind, org_id), valid_until);
+            }
+        }
+
+        let employer: Vec<String> = column(&row, "es_employer")?;
+        let sepp: Vec<String> = column(&row, "es_sepp")?;
+        let valid_until: Vec<OffsetDateTime> = column(&row, "es_valid_until")?;
+        for ((employer, sepp), valid_until) in employer.into_iter().zip(sepp).zip(valid_until) {
             state
                 .employer_sepp
-                .entry(row.try_get("employer")?)
+                .entry(employer)
                 .or_default()
-                .insert(sepp, row.try_get("valid_until")?);
+                .insert(sepp, valid_until);
         }
 
-        let users: Vec<String> = needs.broker_users.iter().cloned().collect();
-        let (kinds, ids): (Vec<String>, Vec<String>) = org_keys
-            .iter()
-            .map(|(k, id)| (k.as_str().to_owned(), id.clone()))
-            .unzip();
-        let rows = sqlx::query(
-            "SELECT kind, id, name, broker_user, format FROM organisation \
-             WHERE broker_user = ANY($1) \
-                OR (kind, id) IN (SELECT * FROM UNNEST($2::text[], $3::text[]))",
-        )
-        .bind(&users)
-        .bind(&kinds)
-        .bind(&ids)
-        .fetch_all(&mut *conn)
-        .await?;
-        for row in rows {
-            let kind: String = row.try_get("kind")?;
-            let format: String = row.try_get("format")?;
+        let kind: Vec<String> = column(&row, "org_kind")?;
+        let id: Vec<String> = column(&row, "org_id")?;
+        let name: Vec<String> = column(&row, "org_name")?;
+        let broker_user: Vec<String> = column(&row, "org_broker_user")?;
+        let format: Vec<String> = column(&row, "org_format")?;
+        for ((((kind, id), name), broker_user), format) in kind
+            .into_iter()
+            .zip(id)
+            .zip(name)
+            .zip(broker_user)
+            .zip(format)
+        {
+            let Some(kind) = OrgKind::parse(&kind) else {
+                continue;
+            };
             let org = Org {
-                kind: OrgKind::parse(&kind).unwrap_or(OrgKind::Oa),
-                id: row.try_get("id")?,
-                name: row.try_get("name")?,
-                broker_user: row.try_get("broker_user")?,
+                kind,
+                id,
+                name,
+                broker_user,
                 format: if format == "xml" {
                     Format::Xml
                 } else {
@@ -329,112 +411,123 @@ impl State {
             state.orgs.insert(org.key(), org);
         }
 
-        let rows = sqlx::query(
-            "SELECT d.id, d.number, d.pseudonym, d.merged_into FROM UNNEST($1::text[]) AS k(p) \
-             CROSS JOIN LATERAL (SELECT id, number, pseudonym, merged_into FROM dossier \
-                                 WHERE pseudonym = k.p OFFSET 0) d",
-        )
-        .bind(&pseudonyms)
-        .fetch_all(&mut *conn)
-        .await?;
-        for row in rows {
-            let dossier = Dossier {
-                id: row.try_get("id")?,
-                number: row.try_get("number")?,
-                pseudonym: row.try_get("pseudonym")?,
-                merged_into: row.try_get("merged_into")?,
-            };
-            state
-                .dossier_by_pseudonym
-                .insert(dossier.pseudonym.clone(), dossier.id);
-            state.dossiers.insert(dossier.id, dossier);
+        let id: Vec<i64> = column(&row, "dos_id")?;
+        let number: Vec<String> = column(&row, "dos_number")?;
+        let pseudonym: Vec<String> = column(&row, "dos_pseudonym")?;
+        let merged_into: Vec<Option<i64>> = column(&row, "dos_merged_into")?;
+        for (((id, number), pseudonym), merged_into) in
+            id.into_iter().zip(number).zip(pseudonym).zip(merged_into)
+        {
+            state.dossier_by_pseudonym.insert(pseudonym.clone(), id);
+            state.dossiers.insert(
+                id,
+                Dossier {
+                    id,
+                    number,
+                    pseudonym,
+                    merged_into,
+                },
+            );
         }
 
-        let dossier_ids: Vec<i64> = state.dossiers.keys().copied().collect();
-        if !dossier_ids.is_empty() {
-            let rows = sqlx::query(
-                "SELECT t.* FROM UNNEST($1::bigint[]) AS k(d) \
-                 CROSS JOIN LATERAL (SELECT owner_kind, owner_id, ref, dossier_id, type, status, \
-                                            version, request_received_on, start_on, end_on, \
-                                            consent \
-                                     FROM trajet WHERE dossier_id = k.d OFFSET 0) t",
+        let owner_kind: Vec<String> = column(&row, "t_owner_kind")?;
+        let owner_id: Vec<String> = column(&row, "t_owner_id")?;
+        let reference: Vec<String> = column(&row, "t_ref")?;
+        let dossier_id: Vec<i64> = column(&row, "t_dossier_id")?;
+        let trajet_type: Vec<String> = column(&row, "t_type")?;
+        let status: Vec<String> = column(&row, "t_status")?;
+        let version: Vec<i64> = column(&row, "t_version")?;
+        let request_received_on: Vec<Option<Date>> = column(&row, "t_request_received_on")?;
+        let start_on: Vec<Option<Date>> = column(&row, "t_start_on")?;
+        let end_on: Vec<Option<Date>> = column(&row, "t_end_on")?;
+        let consent: Vec<Option<String>> = column(&row, "t_consent")?;
+        let mut owner_id = owner_id.into_iter();
+        let mut reference = reference.into_iter();
+        let mut dossier_id = dossier_id.into_iter();
+        let mut trajet_type = trajet_type.into_iter();
+        let mut status = status.into_iter();
+        let mut version = version.into_iter();
+        let mut request_received_on = request_received_on.into_iter();
+        let mut start_on = start_on.into_iter();
+        let mut end_on = end_on.into_iter();
+        let mut consent = consent.into_iter();
+        for owner_kind in owner_kind {
+            let (
+                Some(owner_id),
+                Some(reference),
+                Some(dossier_id),
+                Some(trajet_type),
+                Some(status),
+                Some(version),
+                Some(request_received_on),
+                Some(start_on),
+                Some(end_on),
+                Some(consent),
+            ) = (
+                owner_id.next(),
+                reference.next(),
+                dossier_id.next(),
+                trajet_type.next(),
+                status.next(),
+                version.next(),
+                request_received_on.next(),
+                start_on.next(),
+                end_on.next(),
+                consent.next(),
             )
-            .bind(&dossier_ids)
-            .fetch_all(&mut *conn)
-            .await?;
-            for row in rows {
-                let owner_kind: String = row.try_get("owner_kind")?;
-                let trajet_type: String = row.try_get("type")?;
-                let consent: Option<String> = row.try_get("consent")?;
-                let (Some(owner_kind), Some(trajet_type)) =
-                    (OrgKind::parse(&owner_kind), TrajetType::parse(&trajet_type))
-                else {
-                    continue;
-                };
-                state.trajets.insert(
-                    TrajetKey {
-                        owner_kind,
-                        owner_id: row.try_get("owner_id")?,
-                        reference: row.try_get("ref")?,
-                    },
-                    TrajetRow {
-                        dossier_id: row.try_get("dossier_id")?,
-                        trajet_type,
-                        status: row.try_get("status")?,
-                        version: row.try_get("version")?,
-                        request_received_on: row.try_get("request_received_on")?,
-                        start_on: row.try_get("start_on")?,
-                        end_on: row.try_get("end_on")?,
-                        consent: consent.as_deref().and_then(Consent::parse),
-                    },
-                );
-            }
+            else {
+                break;
+            };
+            let (Some(owner_kind), Some(trajet_type)) =
+                (OrgKind::parse(&owner_kind), TrajetType::parse(&trajet_type))
+            else {
+                continue;
+            };
+            state.trajets.insert(
+                TrajetKey {
+                    owner_kind,
+                    owner_id,
+                    reference,
+                },
+                TrajetRow {
+                    dossier_id,
+                    trajet_type,
+                    status,
+                    version,
+                    request_received_on,
+                    start_on,
+                    end_on,
+                    consent: consent.as_deref().and_then(Consent::parse),
+                },
+            );
         }
 
-        let (senders, message_ids): (Vec<String>, Vec<String>) =
-            needs.inbox_keys.iter().cloned().unzip();
-        let rows = sqlx::query(
-            "SELECT i.sender, i.message_id, i.status, i.code, i.detail, i.result \
-             FROM UNNEST($1::text[], $2::text[]) AS k(s, m) \
-             CROSS JOIN LATERAL (SELECT sender, message_id, status, code, detail, \
-                                        result::text AS result FROM inbox \
-                                 WHERE sender = k.s AND message_id = k.m OFFSET 0) i",
-        )
-        .bind(&senders)
-        .bind(&message_ids)
-        .fetch_all(&mut *conn)
-        .await?;
-        for row in rows {
-            let status: String = row.try_get("status")?;
-            let result: Option<String> = row.try_get("result")?;
+        let sender: Vec<String> = column(&row, "inbox_sender")?;
+        let message_id: Vec<String> = column(&row, "inbox_message_id")?;
+        let status: Vec<String> = column(&row, "inbox_status")?;
+        let code: Vec<Option<String>> = column(&row, "inbox_code")?;
+        let detail: Vec<Option<String>> = column(&row, "inbox_detail")?;
+        let result: Vec<Option<String>> = column(&row, "inbox_result")?;
+        for (((((sender, message_id), status), code), detail), result) in sender
+            .into_iter()
+            .zip(message_id)
+            .zip(status)
+            .zip(code)
+            .zip(detail)
+            .zip(result)
+        {
             let outcome = Outcome {
                 status: Status::parse(&status).unwrap_or(Status::Rejected),
-                code: row.try_get("code")?,
-                detail: row
-                    .try_get::<Option<String>, _>("detail")?
-                    .unwrap_or_default(),
+                code,
+                detail: detail.unwrap_or_default(),
                 result: result
                     .and_then(|r| serde_json::from_str(&r).ok())
                     .unwrap_or_else(|| serde_json::json!({})),
             };
-            state.inbox.insert(
-                (row.try_get("sender")?, row.try_get("message_id")?),
-                outcome,
-            );
+            state.inbox.insert((sender, message_id), outcome);
         }
 
-        let missing = needs
-            .max_new_dossiers
-            .min(needs.pseudonyms.len())
-            .saturating_sub(state.dossier_by_pseudonym.len());
-        if missing > 0 {
-            state.spare_dossier_ids = sqlx::query_scalar(
-                "SELECT nextval('dossier_id_seq') FROM generate_series(1, $1::int)",
-            )
-            .bind(i32::try_from(missing).unwrap_or(i32::MAX))
-            .fetch_all(&mut *conn)
-            .await?;
-        }
+        state.spare_dossier_ids = column(&row, "spare_dossier_ids")?;
         Ok(state)
     }
 
@@ -788,11 +881,7 @@ impl State {
                 }
             }
         }
-        self.flush_trajets(conn).await?;
-        self.flush_history(conn).await?;
-        self.flush_inbox(conn).await?;
-        self.flush_outbox(conn).await?;
-        Ok(())
+        self.flush_hot(conn).await
     }
 
     async fn flush_orgs(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
@@ -993,158 +1082,155 @@ impl State {
         Ok(())
     }
 
-    async fn flush_trajets(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
-        if self.dirty_trajets.is_empty() {
+    /// The tables every message writes — trajets, history, inbox and outbox — in one statement
+    /// (one data-modifying CTE each: they run once, in full, whether or not the final statement
+    /// reads them; foreign keys are checked when the statement ends).
+    async fn flush_hot(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        if self.dirty_trajets.is_empty()
+            && self.history.is_empty()
+            && self.new_inbox.is_empty()
+            && self.outbox.is_empty()
+        {
             return Ok(());
         }
-        let rows: Vec<(&TrajetKey, &TrajetRow)> = self
+        let t: Vec<(&TrajetKey, &TrajetRow)> = self
             .dirty_trajets
             .iter()
             .filter_map(|k| self.trajets.get(k).map(|t| (k, t)))
             .collect();
-        sqlx::query(
-            "INSERT INTO trajet (owner_kind, owner_id, ref, dossier_id, type, status, version, \
-                                 request_received_on, start_on, end_on, consent) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], \
-                                  $6::text[], $7::bigint[], $8::date[], $9::date[], $10::date[], \
-                                  $11::text[]) \
-             ON CONFLICT (owner_kind, owner_id, ref) DO UPDATE SET \
-                dossier_id = EXCLUDED.dossier_id, status = EXCLUDED.status, \
-                version = EXCLUDED.version, request_received_on = EXCLUDED.request_received_on, \
-                start_on = EXCLUDED.start_on, end_on = EXCLUDED.end_on, \
-                consent = EXCLUDED.consent, updated_at = now()",
-        )
-        .bind(
-            rows.iter()
-                .map(|(k, _)| k.owner_kind.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|(k, _)| k.owner_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|(k, _)| k.reference.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|(_, t)| t.dossier_id).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|(_, t)| t.trajet_type.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|(_, t)| t.status.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|(_, t)| t.version).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|(_, t)| t.request_received_on)
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|(_, t)| t.start_on).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(_, t)| t.end_on).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|(_, t)| t.consent.map(Consent::as_str))
-                .collect::<Vec<_>>(),
-        )
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
-    }
-
-    async fn flush_history(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
-        if self.history.is_empty() {
-            return Ok(());
-        }
         let h = &self.history;
-        sqlx::query(
-            "INSERT INTO history (dossier_id, actor_kind, actor_id, resource, operation, detail) \
-             SELECT d, ak, ai, r, o, de::jsonb FROM UNNEST($1::bigint[], $2::text[], $3::text[], \
-                $4::text[], $5::text[], $6::text[]) AS t(d, ak, ai, r, o, de)",
-        )
-        .bind(h.iter().map(|r| r.dossier_id).collect::<Vec<_>>())
-        .bind(h.iter().map(|r| r.actor.0.as_str()).collect::<Vec<_>>())
-        .bind(h.iter().map(|r| r.actor.1.as_str()).collect::<Vec<_>>())
-        .bind(h.iter().map(|r| r.resource).collect::<Vec<_>>())
-        .bind(h.iter().map(|r| r.operation).collect::<Vec<_>>())
-        .bind(h.iter().map(|r| r.detail.to_string()).collect::<Vec<_>>())
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
-    }
-
-    async fn flush_inbox(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
-        if self.new_inbox.is_empty() {
-            return Ok(());
-        }
-        let rows = &self.new_inbox;
-        sqlx::query(
-            "INSERT INTO inbox (sender, message_id, type, status, code, detail, result, dossier_id) \
-             SELECT s, m, t, st, c, d, r::jsonb, di FROM UNNEST($1::text[], $2::text[], \
-                $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[]) \
-                AS u(s, m, t, st, c, d, r, di) \
-             ON CONFLICT (sender, message_id) DO NOTHING",
-        )
-        .bind(rows.iter().map(|r| r.sender.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.message_id.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.message_type).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.outcome.status.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.outcome.code.as_deref()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.outcome.detail.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.outcome.result.to_string()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.dossier_id).collect::<Vec<_>>())
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
-    }
-
-    async fn flush_outbox(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
-        if self.outbox.is_empty() {
-            return Ok(());
-        }
+        let i = &self.new_inbox;
         let o = &self.outbox;
-        sqlx::query(
-            "INSERT INTO outbox (message_id, exchange, routing_key, type, content_type, \
-                                 correlation_id, traceparent, body, claimed_until) \
-             SELECT *, now() + interval '30 seconds' FROM UNNEST($1::uuid[], $2::text[], \
-                $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bytea[]) \
-             ON CONFLICT (message_id) DO NOTHING",
-        )
-        .bind(o.iter().map(|m| m.message_id).collect::<Vec<_>>())
-        .bind(o.iter().map(|m| m.exchange.as_str()).collect::<Vec<_>>())
-        .bind(o.iter().map(|m| m.routing_key.as_str()).collect::<Vec<_>>())
-        .bind(
-            o.iter()
-                .map(|m| m.message_type.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            o.iter()
-                .map(|m| m.content_type.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            o.iter()
-                .map(|m| m.correlation_id.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            o.iter()
-                .map(|m| m.traceparent.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(o.iter().map(|m| m.body.as_slice()).collect::<Vec<_>>())
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query(FLUSH_HOT)
+            .bind(
+                t.iter()
+                    .map(|(k, _)| k.owner_kind.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                t.iter()
+                    .map(|(k, _)| k.owner_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                t.iter()
+                    .map(|(k, _)| k.reference.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(t.iter().map(|(_, t)| t.dossier_id).collect::<Vec<_>>())
+            .bind(
+                t.iter()
+                    .map(|(_, t)| t.trajet_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(t.iter().map(|(_, t)| t.status.as_str()).collect::<Vec<_>>())
+            .bind(t.iter().map(|(_, t)| t.version).collect::<Vec<_>>())
+            .bind(
+                t.iter()
+                    .map(|(_, t)| t.request_received_on)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(t.iter().map(|(_, t)| t.start_on).collect::<Vec<_>>())
+            .bind(t.iter().map(|(_, t)| t.end_on).collect::<Vec<_>>())
+            .bind(
+                t.iter()
+                    .map(|(_, t)| t.consent.map(Consent::as_str))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(h.iter().map(|r| r.dossier_id).collect::<Vec<_>>())
+            .bind(h.iter().map(|r| r.actor.0.as_str()).collect::<Vec<_>>())
+            .bind(h.iter().map(|r| r.actor.1.as_str()).collect::<Vec<_>>())
+            .bind(h.iter().map(|r| r.resource).collect::<Vec<_>>())
+            .bind(h.iter().map(|r| r.operation).collect::<Vec<_>>())
+            .bind(h.iter().map(|r| r.detail.to_string()).collect::<Vec<_>>())
+            .bind(i.iter().map(|r| r.sender.as_str()).collect::<Vec<_>>())
+            .bind(i.iter().map(|r| r.message_id.as_str()).collect::<Vec<_>>())
+            .bind(i.iter().map(|r| r.message_type).collect::<Vec<_>>())
+            .bind(
+                i.iter()
+                    .map(|r| r.outcome.status.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                i.iter()
+                    .map(|r| r.outcome.code.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                i.iter()
+                    .map(|r| r.outcome.detail.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                i.iter()
+                    .map(|r| r.outcome.result.to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(i.iter().map(|r| r.dossier_id).collect::<Vec<_>>())
+            .bind(o.iter().map(|m| m.message_id).collect::<Vec<_>>())
+            .bind(o.iter().map(|m| m.exchange.as_str()).collect::<Vec<_>>())
+            .bind(o.iter().map(|m| m.routing_key.as_str()).collect::<Vec<_>>())
+            .bind(
+                o.iter()
+                    .map(|m| m.message_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                o.iter()
+                    .map(|m| m.content_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                o.iter()
+                    .map(|m| m.correlation_id.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                o.iter()
+                    .map(|m| m.traceparent.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(o.iter().map(|m| m.body.as_slice()).collect::<Vec<_>>())
+            .execute(&mut *conn)
+            .await?;
         Ok(())
     }
 }
+
+/// [`State::flush_hot`]'s statement: trajets upserted (`$1`–`$11`), history appended
+/// (`$12`–`$17`), outcomes recorded in the inbox (`$18`–`$25`; a key already there keeps its first
+/// outcome) and outbound messages put in the outbox, claimed for 30 s by this process's relay
+/// (`$26`–`$33`).
+const FLUSH_HOT: &str = "
+WITH trajets AS (
+    INSERT INTO trajet (owner_kind, owner_id, ref, dossier_id, type, status, version,
+                        request_received_on, start_on, end_on, consent)
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                         $6::text[], $7::bigint[], $8::date[], $9::date[], $10::date[],
+                         $11::text[])
+    ON CONFLICT (owner_kind, owner_id, ref) DO UPDATE SET
+        dossier_id = EXCLUDED.dossier_id, status = EXCLUDED.status,
+        version = EXCLUDED.version, request_received_on = EXCLUDED.request_received_on,
+        start_on = EXCLUDED.start_on, end_on = EXCLUDED.end_on,
+        consent = EXCLUDED.consent, updated_at = now()
+), history_lines AS (
+    INSERT INTO history (dossier_id, actor_kind, actor_id, resource, operation, detail)
+    SELECT d, ak, ai, r, o, de::jsonb
+    FROM UNNEST($12::bigint[], $13::text[], $14::text[], $15::text[], $16::text[],
+                $17::text[]) AS h(d, ak, ai, r, o, de)
+), outcomes AS (
+    INSERT INTO inbox (sender, message_id, type, status, code, detail, result, dossier_id)
+    SELECT s, m, t, st, c, d, r::jsonb, di
+    FROM UNNEST($18::text[], $19::text[], $20::text[], $21::text[], $22::text[], $23::text[],
+                $24::text[], $25::bigint[]) AS i(s, m, t, st, c, d, r, di)
+    ON CONFLICT (sender, message_id) DO NOTHING
+)
+INSERT INTO outbox (message_id, exchange, routing_key, type, content_type, correlation_id,
+                    traceparent, body, claimed_until)
+SELECT *, now() + interval '30 seconds'
+FROM UNNEST($26::uuid[], $27::text[], $28::text[], $29::text[], $30::text[], $31::text[],
+            $32::text[], $33::bytea[])
+ON CONFLICT (message_id) DO NOTHING";
 
 /// The stable, human-quotable dossier number («numéro du dossier»).
 pub(crate) fn dossier_number(id: i64) -> String {
