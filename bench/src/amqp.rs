@@ -375,7 +375,7 @@ impl Sink {
 
 /// The relay ceiling: `workers` plain lapin relays, each consuming `from` (prefetch 2 × batch)
 /// and, per batch of up to `batch` deliveries, publishing every message to `to` with confirms
-/// (pipelined), awaiting the confirms, then acking the batch with one `multiple` ack — the
+/// (pipelined: all started before any is awaited), awaiting the confirms, then acking the batch with one `multiple` ack — the
 /// gateway's durability without its work. Runs until the returned tasks are aborted.
 ///
 /// # Errors
@@ -429,14 +429,12 @@ pub async fn spawn_relay(
                         _ => break,
                     }
                 }
-                let mut confirms = Vec::with_capacity(deliveries.len());
-                for d in &deliveries {
-                    confirms.push(
-                        output
-                            .basic_publish("", &to, options, &d.data, d.properties.clone())
-                            .await?,
-                    );
-                }
+                // Every publish started before any is awaited, as the gateway does
+                // (`trio_gateway::broker::publish_confirmed`): lapin then writes them in one go.
+                let confirms = futures::future::try_join_all(deliveries.iter().map(|d| {
+                    output.basic_publish("", &to, options, &d.data, d.properties.clone())
+                }))
+                .await?;
                 for c in confirms {
                     check(c.await?)?;
                 }

@@ -387,8 +387,10 @@ async fn phases(
     )
     .await?;
 
-    // 1. Relay ceiling.
+    // 1. Relay ceiling (the relays run inside this process: their CPU counts as the bench's).
+    let cpu_before = cpu::snapshot(&[]);
     let (first, got) = relay_run(&operator_url, world, 1, sizes.relay, None, sizes.idle).await?;
+    let cpu_relay = cpu::PerMessage::between(&cpu_before, &cpu::snapshot(&[]), sizes.relay);
     let relay = span(world, 1, first, &got, sizes.relay, "relay")
         .await?
         .per_second();
@@ -397,6 +399,7 @@ async fn phases(
          ack after confirm: {relay:.0} msgs/s",
         sizes.relay,
     );
+    println!("[1 relay ceiling] {cpu_relay} (bench: the relays, publisher and sink)");
 
     // 2. First contact.
     start_gateway(world, gateways, &probe).await?;
