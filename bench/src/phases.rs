@@ -44,7 +44,7 @@ const FULL: Sizes = Sizes {
     idle: Duration::from_secs(90),
 };
 
-// More hot insured than the messages two processes hold unacked (2 × 4 workers × prefetch 200):
+// More hot insured than the messages two processes hold unacked (2 × 2 workers × prefetch 200):
 // the upserts of one trajet are then never in flight together, so none is answered `stale`.
 const QUICK: Sizes = Sizes {
     relay: 5_000,
@@ -61,7 +61,6 @@ const QUICK: Sizes = Sizes {
 const GP_QUEUE: &str = "bench.gp";
 const RELAY_IN: &str = "bench.relay.in";
 const RELAY_OUT: &str = "bench.relay.out";
-const WORKERS_PER_PROCESS: u32 = 4;
 
 /// Runs every phase in a fresh world and removes it, whatever happened. `messages` overrides the
 /// message count of phases 3, 5 and 7.
@@ -263,7 +262,9 @@ async fn start_gateway(
     let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     let log = world.dir.join(format!("gateway-{n}.log"));
     gateways.push(Gateway::spawn(&world.gateway_env(), &log)?);
-    let expected = WORKERS_PER_PROCESS * u32::try_from(gateways.len())?;
+    // Every worker of every process consumes the OA queue (default settings).
+    let workers = trio_gateway::config::Config::default().workers;
+    let expected = u32::try_from(workers * gateways.len())?;
     let started = Instant::now();
     while amqp::consumers_of(probe, "trio.inbound.oa").await < expected {
         for g in gateways.iter_mut() {

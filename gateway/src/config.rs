@@ -57,7 +57,9 @@ pub struct Config {
     pub pseudo_domain_file: Option<PathBuf>,
     /// `TRIO_OPERATOR_USERS`: broker users that may publish reference data (default `guest`).
     pub operator_users: Vec<String>,
-    /// `TRIO_WORKERS`: concurrent consumers per process, i.e. batches in flight (default 4).
+    /// `TRIO_WORKERS`: concurrent consumers per process, i.e. batches in flight (default 2: on
+    /// the benchmark's two cores, 4 gave no more throughput and a worse tail at half load, where
+    /// more, smaller batches cost the database more per message; raise it with the cores).
     pub workers: usize,
     /// `TRIO_BATCH_SIZE`: deliveries per transaction at most (default 100).
     pub batch_size: usize,
@@ -82,7 +84,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        let workers = 4;
+        let workers = 2;
         let batch_size = 100;
         Self {
             amqp_url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
