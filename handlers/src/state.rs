@@ -252,6 +252,18 @@ where
     Ok(row.try_get::<Option<Vec<T>>, _>(name)?.unwrap_or_default())
 }
 
+/// The columns of one table in [`LOAD`]'s row all have `len` entries (one aggregate builds
+/// them, so they do unless the statement is broken: then the batch fails instead of panicking).
+fn same_length(table: &str, len: usize, others: &[usize]) -> sqlx::Result<()> {
+    if others.iter().all(|&n| n == len) {
+        Ok(())
+    } else {
+        Err(sqlx::Error::Decode(
+            format!("the {table} columns of the batch load have different lengths").into(),
+        ))
+    }
+}
+
 /// The in-memory view of one batch, with its pending writes.
 pub(crate) struct State {
     pub now: OffsetDateTime,
@@ -337,198 +349,206 @@ impl State {
             .fetch_one(&mut *conn)
             .await?;
 
-        let loaded: Vec<String> = column(&row, "ins_pseudonym")?;
-        let died_on: Vec<Option<Date>> = column(&row, "ins_died_on")?;
-        let replaced_by: Vec<Option<String>> = column(&row, "ins_replaced_by")?;
-        for ((pseudonym, died_on), replaced_by) in loaded.into_iter().zip(died_on).zip(replaced_by)
-        {
-            state.insured.insert(
-                pseudonym,
-                InsuredFacts {
-                    died_on,
-                    replaced_by,
-                },
-            );
-        }
+        state.read_insured(&row)?;
+        state.read_relations(&row)?;
+        state.read_employer_sepp(&row)?;
+        state.read_organisations(&row)?;
+        state.read_dossiers(&row)?;
+        state.read_trajets(&row)?;
+        state.read_inbox(&row)?;
+        state.spare_dossier_ids = column(&row, "spare_dossier_ids")?;
+        Ok(state)
+    }
 
-        let pseudonym: Vec<String> = column(&row, "rel_pseudonym")?;
-        let org_kind: Vec<String> = column(&row, "rel_org_kind")?;
-        let org_id: Vec<String> = column(&row, "rel_org_id")?;
-        let valid_until: Vec<OffsetDateTime> = column(&row, "rel_valid_until")?;
-        for (((pseudonym, org_kind), org_id), valid_until) in pseudonym
-            .into_iter()
-            .zip(org_kind)
-            .zip(org_id)
-            .zip(valid_until)
-        {
-            if let Some(kind) = RelKind::parse(&org_kind) {
-                state
-                    .relations
+    // ---- reading [`LOAD`]'s row: one function per table ---------------------------------------
+
+    fn read_insured(&mut self, row: &PgRow) -> sqlx::Result<()> {
+        let pseudonym: Vec<String> = column(row, "ins_pseudonym")?;
+        let died_on: Vec<Option<Date>> = column(row, "ins_died_on")?;
+        let mut replaced_by: Vec<Option<String>> = column(row, "ins_replaced_by")?;
+        same_length(
+            "insured",
+            pseudonym.len(),
+            &[died_on.len(), replaced_by.len()],
+        )?;
+        for (i, pseudonym) in pseudonym.into_iter().enumerate() {
+            let facts = InsuredFacts {
+                died_on: died_on[i],
+                replaced_by: replaced_by[i].take(),
+            };
+            self.insured.insert(pseudonym, facts);
+        }
+        Ok(())
+    }
+
+    fn read_relations(&mut self, row: &PgRow) -> sqlx::Result<()> {
+        let pseudonym: Vec<String> = column(row, "rel_pseudonym")?;
+        let org_kind: Vec<String> = column(row, "rel_org_kind")?;
+        let mut org_id: Vec<String> = column(row, "rel_org_id")?;
+        let valid_until: Vec<OffsetDateTime> = column(row, "rel_valid_until")?;
+        let others = [org_kind.len(), org_id.len(), valid_until.len()];
+        same_length("insured_relation", pseudonym.len(), &others)?;
+        for (i, pseudonym) in pseudonym.into_iter().enumerate() {
+            if let Some(kind) = RelKind::parse(&org_kind[i]) {
+                let org_id = std::mem::take(&mut org_id[i]);
+                self.relations
                     .entry(pseudonym)
                     .or_default()
-                    .insert((kind, org_id), valid_until);
+                    .insert((kind, org_id), valid_until[i]);
             }
         }
+        Ok(())
+    }
 
-        let employer: Vec<String> = column(&row, "es_employer")?;
-        let sepp: Vec<String> = column(&row, "es_sepp")?;
-        let valid_until: Vec<OffsetDateTime> = column(&row, "es_valid_until")?;
-        for ((employer, sepp), valid_until) in employer.into_iter().zip(sepp).zip(valid_until) {
-            state
-                .employer_sepp
+    fn read_employer_sepp(&mut self, row: &PgRow) -> sqlx::Result<()> {
+        let employer: Vec<String> = column(row, "es_employer")?;
+        let mut sepp: Vec<String> = column(row, "es_sepp")?;
+        let valid_until: Vec<OffsetDateTime> = column(row, "es_valid_until")?;
+        same_length(
+            "employer_sepp",
+            employer.len(),
+            &[sepp.len(), valid_until.len()],
+        )?;
+        for (i, employer) in employer.into_iter().enumerate() {
+            self.employer_sepp
                 .entry(employer)
                 .or_default()
-                .insert(sepp, valid_until);
+                .insert(std::mem::take(&mut sepp[i]), valid_until[i]);
         }
+        Ok(())
+    }
 
-        let kind: Vec<String> = column(&row, "org_kind")?;
-        let id: Vec<String> = column(&row, "org_id")?;
-        let name: Vec<String> = column(&row, "org_name")?;
-        let broker_user: Vec<String> = column(&row, "org_broker_user")?;
-        let format: Vec<String> = column(&row, "org_format")?;
-        for ((((kind, id), name), broker_user), format) in kind
-            .into_iter()
-            .zip(id)
-            .zip(name)
-            .zip(broker_user)
-            .zip(format)
-        {
-            let Some(kind) = OrgKind::parse(&kind) else {
+    fn read_organisations(&mut self, row: &PgRow) -> sqlx::Result<()> {
+        let kind: Vec<String> = column(row, "org_kind")?;
+        let mut id: Vec<String> = column(row, "org_id")?;
+        let mut name: Vec<String> = column(row, "org_name")?;
+        let mut broker_user: Vec<String> = column(row, "org_broker_user")?;
+        let format: Vec<String> = column(row, "org_format")?;
+        let others = [id.len(), name.len(), broker_user.len(), format.len()];
+        same_length("organisation", kind.len(), &others)?;
+        for (i, kind) in kind.iter().enumerate() {
+            let Some(kind) = OrgKind::parse(kind) else {
                 continue;
             };
             let org = Org {
                 kind,
-                id,
-                name,
-                broker_user,
-                format: if format == "xml" {
+                id: std::mem::take(&mut id[i]),
+                name: std::mem::take(&mut name[i]),
+                broker_user: std::mem::take(&mut broker_user[i]),
+                format: if format[i] == "xml" {
                     Format::Xml
                 } else {
                     Format::Json
                 },
             };
-            state.org_by_user.insert(org.broker_user.clone(), org.key());
-            state.orgs.insert(org.key(), org);
+            self.org_by_user.insert(org.broker_user.clone(), org.key());
+            self.orgs.insert(org.key(), org);
         }
+        Ok(())
+    }
 
-        let id: Vec<i64> = column(&row, "dos_id")?;
-        let number: Vec<String> = column(&row, "dos_number")?;
-        let pseudonym: Vec<String> = column(&row, "dos_pseudonym")?;
-        let merged_into: Vec<Option<i64>> = column(&row, "dos_merged_into")?;
-        for (((id, number), pseudonym), merged_into) in
-            id.into_iter().zip(number).zip(pseudonym).zip(merged_into)
-        {
-            state.dossier_by_pseudonym.insert(pseudonym.clone(), id);
-            state.dossiers.insert(
+    fn read_dossiers(&mut self, row: &PgRow) -> sqlx::Result<()> {
+        let id: Vec<i64> = column(row, "dos_id")?;
+        let mut number: Vec<String> = column(row, "dos_number")?;
+        let mut pseudonym: Vec<String> = column(row, "dos_pseudonym")?;
+        let merged_into: Vec<Option<i64>> = column(row, "dos_merged_into")?;
+        let others = [number.len(), pseudonym.len(), merged_into.len()];
+        same_length("dossier", id.len(), &others)?;
+        for (i, id) in id.into_iter().enumerate() {
+            let dossier = Dossier {
                 id,
-                Dossier {
-                    id,
-                    number,
-                    pseudonym,
-                    merged_into,
-                },
-            );
-        }
-
-        let owner_kind: Vec<String> = column(&row, "t_owner_kind")?;
-        let owner_id: Vec<String> = column(&row, "t_owner_id")?;
-        let reference: Vec<String> = column(&row, "t_ref")?;
-        let dossier_id: Vec<i64> = column(&row, "t_dossier_id")?;
-        let trajet_type: Vec<String> = column(&row, "t_type")?;
-        let status: Vec<String> = column(&row, "t_status")?;
-        let version: Vec<i64> = column(&row, "t_version")?;
-        let request_received_on: Vec<Option<Date>> = column(&row, "t_request_received_on")?;
-        let start_on: Vec<Option<Date>> = column(&row, "t_start_on")?;
-        let end_on: Vec<Option<Date>> = column(&row, "t_end_on")?;
-        let consent: Vec<Option<String>> = column(&row, "t_consent")?;
-        let mut owner_id = owner_id.into_iter();
-        let mut reference = reference.into_iter();
-        let mut dossier_id = dossier_id.into_iter();
-        let mut trajet_type = trajet_type.into_iter();
-        let mut status = status.into_iter();
-        let mut version = version.into_iter();
-        let mut request_received_on = request_received_on.into_iter();
-        let mut start_on = start_on.into_iter();
-        let mut end_on = end_on.into_iter();
-        let mut consent = consent.into_iter();
-        for owner_kind in owner_kind {
-            let (
-                Some(owner_id),
-                Some(reference),
-                Some(dossier_id),
-                Some(trajet_type),
-                Some(status),
-                Some(version),
-                Some(request_received_on),
-                Some(start_on),
-                Some(end_on),
-                Some(consent),
-            ) = (
-                owner_id.next(),
-                reference.next(),
-                dossier_id.next(),
-                trajet_type.next(),
-                status.next(),
-                version.next(),
-                request_received_on.next(),
-                start_on.next(),
-                end_on.next(),
-                consent.next(),
-            )
-            else {
-                break;
+                number: std::mem::take(&mut number[i]),
+                pseudonym: std::mem::take(&mut pseudonym[i]),
+                merged_into: merged_into[i],
             };
-            let (Some(owner_kind), Some(trajet_type)) =
-                (OrgKind::parse(&owner_kind), TrajetType::parse(&trajet_type))
-            else {
+            self.dossier_by_pseudonym
+                .insert(dossier.pseudonym.clone(), id);
+            self.dossiers.insert(id, dossier);
+        }
+        Ok(())
+    }
+
+    fn read_trajets(&mut self, row: &PgRow) -> sqlx::Result<()> {
+        let owner_kind: Vec<String> = column(row, "t_owner_kind")?;
+        let mut owner_id: Vec<String> = column(row, "t_owner_id")?;
+        let mut reference: Vec<String> = column(row, "t_ref")?;
+        let dossier_id: Vec<i64> = column(row, "t_dossier_id")?;
+        let trajet_type: Vec<String> = column(row, "t_type")?;
+        let mut status: Vec<String> = column(row, "t_status")?;
+        let version: Vec<i64> = column(row, "t_version")?;
+        let request_received_on: Vec<Option<Date>> = column(row, "t_request_received_on")?;
+        let start_on: Vec<Option<Date>> = column(row, "t_start_on")?;
+        let end_on: Vec<Option<Date>> = column(row, "t_end_on")?;
+        let consent: Vec<Option<String>> = column(row, "t_consent")?;
+        let others = [
+            owner_id.len(),
+            reference.len(),
+            dossier_id.len(),
+            trajet_type.len(),
+            status.len(),
+            version.len(),
+            request_received_on.len(),
+            start_on.len(),
+            end_on.len(),
+            consent.len(),
+        ];
+        same_length("trajet", owner_kind.len(), &others)?;
+        for (i, owner_kind) in owner_kind.iter().enumerate() {
+            let (Some(owner_kind), Some(trajet_type)) = (
+                OrgKind::parse(owner_kind),
+                TrajetType::parse(&trajet_type[i]),
+            ) else {
                 continue;
             };
-            state.trajets.insert(
-                TrajetKey {
-                    owner_kind,
-                    owner_id,
-                    reference,
-                },
-                TrajetRow {
-                    dossier_id,
-                    trajet_type,
-                    status,
-                    version,
-                    request_received_on,
-                    start_on,
-                    end_on,
-                    consent: consent.as_deref().and_then(Consent::parse),
-                },
-            );
+            let key = TrajetKey {
+                owner_kind,
+                owner_id: std::mem::take(&mut owner_id[i]),
+                reference: std::mem::take(&mut reference[i]),
+            };
+            let trajet = TrajetRow {
+                dossier_id: dossier_id[i],
+                trajet_type,
+                status: std::mem::take(&mut status[i]),
+                version: version[i],
+                request_received_on: request_received_on[i],
+                start_on: start_on[i],
+                end_on: end_on[i],
+                consent: consent[i].as_deref().and_then(Consent::parse),
+            };
+            self.trajets.insert(key, trajet);
         }
+        Ok(())
+    }
 
-        let sender: Vec<String> = column(&row, "inbox_sender")?;
-        let message_id: Vec<String> = column(&row, "inbox_message_id")?;
-        let status: Vec<String> = column(&row, "inbox_status")?;
-        let code: Vec<Option<String>> = column(&row, "inbox_code")?;
-        let detail: Vec<Option<String>> = column(&row, "inbox_detail")?;
-        let result: Vec<Option<String>> = column(&row, "inbox_result")?;
-        for (((((sender, message_id), status), code), detail), result) in sender
-            .into_iter()
-            .zip(message_id)
-            .zip(status)
-            .zip(code)
-            .zip(detail)
-            .zip(result)
-        {
+    fn read_inbox(&mut self, row: &PgRow) -> sqlx::Result<()> {
+        let sender: Vec<String> = column(row, "inbox_sender")?;
+        let mut message_id: Vec<String> = column(row, "inbox_message_id")?;
+        let status: Vec<String> = column(row, "inbox_status")?;
+        let mut code: Vec<Option<String>> = column(row, "inbox_code")?;
+        let mut detail: Vec<Option<String>> = column(row, "inbox_detail")?;
+        let result: Vec<Option<String>> = column(row, "inbox_result")?;
+        let others = [
+            message_id.len(),
+            status.len(),
+            code.len(),
+            detail.len(),
+            result.len(),
+        ];
+        same_length("inbox", sender.len(), &others)?;
+        for (i, sender) in sender.into_iter().enumerate() {
             let outcome = Outcome {
-                status: Status::parse(&status).unwrap_or(Status::Rejected),
-                code,
-                detail: detail.unwrap_or_default(),
-                result: result
-                    .and_then(|r| serde_json::from_str(&r).ok())
+                status: Status::parse(&status[i]).unwrap_or(Status::Rejected),
+                code: code[i].take(),
+                detail: detail[i].take().unwrap_or_default(),
+                result: result[i]
+                    .as_deref()
+                    .and_then(|r| serde_json::from_str(r).ok())
                     .unwrap_or_else(|| serde_json::json!({})),
             };
-            state.inbox.insert((sender, message_id), outcome);
+            let message_id = std::mem::take(&mut message_id[i]);
+            self.inbox.insert((sender, message_id), outcome);
         }
-
-        state.spare_dossier_ids = column(&row, "spare_dossier_ids")?;
-        Ok(state)
+        Ok(())
     }
 
     // ---- reads -------------------------------------------------------------------------------
