@@ -1218,9 +1218,15 @@ impl State {
 }
 
 /// [`State::flush_hot`]'s statement: trajets upserted (`$1`–`$11`), history appended
-/// (`$12`–`$17`), outcomes recorded in the inbox (`$18`–`$25`; a key already there keeps its first
-/// outcome) and outbound messages put in the outbox, claimed for 30 s by this process's relay
-/// (`$26`–`$33`).
+/// (`$12`–`$17`), outcomes recorded in the inbox (`$18`–`$25`) and outbound messages put in the
+/// outbox, claimed for 30 s by this process's relay (`$26`–`$33`).
+///
+/// The inbox rows are plain inserts: the batch holds the advisory lock of each idempotency key
+/// and loaded the inbox after taking it, so a key already recorded was answered as a duplicate
+/// and is not among them (an `ON CONFLICT` clause would make PostgreSQL insert speculatively and
+/// write one more WAL record per message for nothing; a conflict would be a bug, and fails the
+/// batch). The outbox keeps `ON CONFLICT DO NOTHING`: a duplicate's reply has its first reply's
+/// `message_id`, and that row may not be published yet.
 const FLUSH_HOT: &str = "
 WITH trajets AS (
     INSERT INTO trajet (owner_kind, owner_id, ref, dossier_id, type, status, version,
@@ -1243,7 +1249,6 @@ WITH trajets AS (
     SELECT s, m, t, st, c, d, r::jsonb, di
     FROM UNNEST($18::text[], $19::text[], $20::text[], $21::text[], $22::text[], $23::text[],
                 $24::text[], $25::bigint[]) AS i(s, m, t, st, c, d, r, di)
-    ON CONFLICT (sender, message_id) DO NOTHING
 )
 INSERT INTO outbox (message_id, exchange, routing_key, type, content_type, correlation_id,
                     traceparent, body, claimed_until)
