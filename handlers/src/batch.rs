@@ -197,7 +197,7 @@ fn needs(batch: &[Inbound], prepared: &Prepared) -> (Needs, Vec<i64>) {
             .inbox_keys
             .insert((sender.clone(), inbound.message_id.clone()));
         if !sender.is_empty() {
-            needs.broker_users.insert(sender);
+            needs.broker_users.insert(sender.clone());
         }
         if let Ok(pseudonyms) = pseudonyms {
             for p in pseudonyms {
@@ -236,8 +236,17 @@ fn needs(batch: &[Inbound], prepared: &Prepared) -> (Needs, Vec<i64>) {
                 }
                 Relation::InsuredDeceased { .. } | Relation::NissReplaced { .. } => {}
             },
-            Message::DossierOpen(_) | Message::TrajetUpsert(_) => {
+            Message::DossierOpen(_) => {
                 needs.max_new_dossiers += 1;
+            }
+            Message::TrajetUpsert(m) => {
+                needs.max_new_dossiers += 1;
+                // A trajet is its owner's (the sender's organisation) and its ref, whichever
+                // insured it belongs to: locked and loaded by that key too, so a ref already
+                // used for another insured is seen, whatever batch used it.
+                let reference = m.trajet.reference.clone();
+                locks.insert(lock_key("trajet", &format!("{sender}\n{reference}")));
+                needs.trajet_refs.insert((sender.clone(), reference));
             }
         }
     }

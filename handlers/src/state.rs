@@ -146,6 +146,8 @@ pub(crate) struct Needs {
     pub pseudonyms: BTreeSet<String>,
     pub employers: BTreeSet<String>,
     pub inbox_keys: BTreeSet<(String, String)>,
+    /// `(sender broker user, ref)` of every trajet the batch upserts.
+    pub trajet_refs: BTreeSet<(String, String)>,
     /// How many dossiers the batch may create (ids are allocated up front).
     pub max_new_dossiers: usize,
 }
@@ -159,9 +161,10 @@ pub(crate) struct Needs {
 ///
 /// What it follows, in order: the insured (and up to four NISS replacements onward), their
 /// current relations, the employers named or related and their current SEPPs, the organisations
-/// named, related or publishing, the insured's dossiers and their trajets, the batch's
-/// idempotency keys already in the inbox, and ids for the dossiers the batch may create (`$8`,
-/// less those that exist).
+/// named, related or publishing, the insured's dossiers and their trajets, the trajets the batch
+/// upserts by their own key (`$9`, `$10`: the sender's broker user and the ref, so a ref used for
+/// another insured is seen), the batch's idempotency keys already in the inbox, and ids for the
+/// dossiers the batch may create (`$8`, less those that exist).
 const LOAD: &str = "
 WITH RECURSIVE ins AS (
     SELECT i.pseudonym, i.died_on, i.replaced_by, 1 AS depth
@@ -209,6 +212,14 @@ WITH RECURSIVE ins AS (
     CROSS JOIN LATERAL (SELECT owner_kind, owner_id, ref, dossier_id, type, status, version,
                                request_received_on, start_on, end_on, consent
                         FROM trajet WHERE dossier_id = dos.id OFFSET 0) t
+    UNION
+    SELECT t.* FROM UNNEST($9::text[], $10::text[]) AS k(u, r)
+    CROSS JOIN LATERAL (SELECT kind, id FROM organisation WHERE broker_user = k.u OFFSET 0) o
+    CROSS JOIN LATERAL (SELECT owner_kind, owner_id, ref, dossier_id, type, status, version,
+                               request_received_on, start_on, end_on, consent
+                        FROM trajet
+                        WHERE owner_kind = o.kind AND owner_id = o.id AND ref = k.r
+                        OFFSET 0) t
 ), inb AS (
     SELECT i.* FROM UNNEST($6::text[], $7::text[]) AS k(s, m)
     CROSS JOIN LATERAL (SELECT sender, message_id, status, code, detail, result::text AS result
@@ -336,6 +347,11 @@ impl State {
             .iter()
             .map(|(s, m)| (s.as_str(), m.as_str()))
             .unzip();
+        let (ref_owners, refs): (Vec<&str>, Vec<&str>) = needs
+            .trajet_refs
+            .iter()
+            .map(|(user, reference)| (user.as_str(), reference.as_str()))
+            .unzip();
         let new_dossiers = needs.max_new_dossiers.min(needs.pseudonyms.len());
         let row = sqlx::query(LOAD)
             .bind(&pseudonyms)
@@ -346,6 +362,8 @@ impl State {
             .bind(&senders)
             .bind(&message_ids)
             .bind(i32::try_from(new_dossiers).unwrap_or(i32::MAX))
+            .bind(&ref_owners)
+            .bind(&refs)
             .fetch_one(&mut *conn)
             .await?;
 

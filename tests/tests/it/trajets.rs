@@ -338,3 +338,46 @@ async fn history_records_dossier_and_trajet_changes_without_niss() {
     );
     w.env.finish().await;
 }
+
+#[tokio::test]
+async fn a_trajet_ref_belongs_to_one_insured_across_batches() {
+    // The ref "r" is the OA's trajet of the first insured; the same OA using it again for a
+    // second insured, in a later batch, is refused and moves nothing.
+    let mut w = World::new(40).await;
+    let first = w.niss.clone();
+    let second = trio_gateway::partner::synthetic_niss(41);
+    w.env
+        .relate(
+            &mut w.operator,
+            json!({"kind": "insured_oa", "niss": second, "oa": OA}),
+        )
+        .await;
+    let r = request(
+        &mut w.oa,
+        "oa",
+        "trajet.upsert",
+        &trajet(&first, "r", "rtw_ami", "en_cours", 1),
+    )
+    .await;
+    assert_reply(&r, "accepted", None);
+    let owner: i64 = sqlx::query_scalar("SELECT dossier_id FROM trajet WHERE ref = 'r'")
+        .fetch_one(&w.env.db)
+        .await
+        .unwrap();
+
+    let r = request(
+        &mut w.oa,
+        "oa",
+        "trajet.upsert",
+        &trajet(&second, "r", "rtw_ami", "termine", 2),
+    )
+    .await;
+    assert_reply(&r, "rejected", Some("invalid_payload"));
+    let (dossier, status, version): (i64, String, i64) =
+        sqlx::query_as("SELECT dossier_id, status, version FROM trajet WHERE ref = 'r'")
+            .fetch_one(&w.env.db)
+            .await
+            .unwrap();
+    assert_eq!((dossier, status.as_str(), version), (owner, "en_cours", 1));
+    w.env.finish().await;
+}
