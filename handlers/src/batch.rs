@@ -234,7 +234,10 @@ fn needs(batch: &[Inbound], prepared: &Prepared) -> (Needs, Vec<i64>) {
                 Relation::InsuredRp { rp, .. } => {
                     needs.orgs.insert((OrgKind::Rp, rp.clone()));
                 }
-                Relation::InsuredDeceased { .. } | Relation::NissReplaced { .. } => {}
+                Relation::NissReplaced { .. } => {
+                    needs.niss_replacements = true;
+                }
+                Relation::InsuredDeceased { .. } => {}
             },
             Message::DossierOpen(_) => {
                 needs.max_new_dossiers += 1;

@@ -148,6 +148,9 @@ pub(crate) struct Needs {
     pub inbox_keys: BTreeSet<(String, String)>,
     /// `(sender broker user, ref)` of every trajet the batch upserts.
     pub trajet_refs: BTreeSet<(String, String)>,
+    /// Whether the batch replaces a NISS: a merge moves every trajet of a dossier, so all of
+    /// them are loaded (otherwise only those the batch upserts).
+    pub niss_replacements: bool,
     /// How many dossiers the batch may create (ids are allocated up front).
     pub max_new_dossiers: usize,
 }
@@ -161,10 +164,11 @@ pub(crate) struct Needs {
 ///
 /// What it follows, in order: the insured (and up to four NISS replacements onward), their
 /// current relations, the employers named or related and their current SEPPs, the organisations
-/// named, related or publishing, the insured's dossiers and their trajets, the trajets the batch
-/// upserts by their own key (`$9`, `$10`: the sender's broker user and the ref, so a ref used for
-/// another insured is seen), the batch's idempotency keys already in the inbox, and ids for the
-/// dossiers the batch may create (`$8`, less those that exist).
+/// named, related or publishing, the insured's dossiers, the trajets the batch upserts by their
+/// own key (`$9`, `$10`: the sender's broker user and the ref, so a ref used for another insured
+/// is seen) and, when the batch replaces a NISS (`$11`), every trajet of those dossiers, the
+/// batch's idempotency keys already in the inbox, and ids for the dossiers the batch may create
+/// (`$8`, less those that exist).
 const LOAD: &str = "
 WITH RECURSIVE ins AS (
     SELECT i.pseudonym, i.died_on, i.replaced_by, 1 AS depth
@@ -212,6 +216,7 @@ WITH RECURSIVE ins AS (
     CROSS JOIN LATERAL (SELECT owner_kind, owner_id, ref, dossier_id, type, status, version,
                                request_received_on, start_on, end_on, consent
                         FROM trajet WHERE dossier_id = dos.id OFFSET 0) t
+    WHERE $11::bool
     UNION
     SELECT t.* FROM UNNEST($9::text[], $10::text[]) AS k(u, r)
     CROSS JOIN LATERAL (SELECT kind, id FROM organisation WHERE broker_user = k.u OFFSET 0) o
@@ -364,6 +369,7 @@ impl State {
             .bind(i32::try_from(new_dossiers).unwrap_or(i32::MAX))
             .bind(&ref_owners)
             .bind(&refs)
+            .bind(needs.niss_replacements)
             .fetch_one(&mut *conn)
             .await?;
 
