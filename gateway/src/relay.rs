@@ -197,9 +197,11 @@ pub async fn sweep(deps: RelayDeps, shutdown: CancellationToken) {
 
 /// Claims up to [`MAX_ROUND`] expired rows for this process (30 s).
 async fn claim_expired(db: &PgPool) -> sqlx::Result<Vec<OutboundMessage>> {
+    // Oldest claims first, in the index's own order (no sort of every expired row), each due
+    // row then updated through its primary key.
     let rows = sqlx::query(
         "WITH due AS (SELECT message_id FROM outbox WHERE claimed_until < now() \
-                      ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                      ORDER BY claimed_until LIMIT $1 FOR UPDATE SKIP LOCKED) \
          UPDATE outbox o SET claimed_until = now() + interval '30 seconds', \
                              attempts = o.attempts + 1 \
          FROM due WHERE o.message_id = due.message_id \
