@@ -314,3 +314,36 @@ async fn simulate_handler_bug(env: &TestEnv, reference: &str) {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn gateway_sessions_never_jit_and_the_relay_commits_without_waiting_for_the_flush() {
+    // The batch path's sessions: no JIT (on never-analyzed tables the load's cost estimates
+    // crossed jit_above_cost and every batch compiled it), commits synchronous (the inbound
+    // ack follows the commit). The relay's: no JIT either, commits not waiting for the WAL
+    // flush (a lost delete only re-publishes a row with the same message_id), statements
+    // planned with their parameters.
+    let env = TestEnv::start().await;
+    let setting = |pool: sqlx::PgPool, name: &'static str| async move {
+        sqlx::query_scalar::<_, String>(&format!("SHOW {name}"))
+            .fetch_one(&pool)
+            .await
+            .expect(name)
+    };
+    let workers = trio_gateway::serve::connect_db(&env.config, Some(Duration::from_secs(10)))
+        .await
+        .expect("worker pool");
+    assert_eq!(setting(workers.clone(), "jit").await, "off");
+    assert_eq!(setting(workers.clone(), "synchronous_commit").await, "on");
+    let relay = trio_gateway::serve::connect_relay_db(&env.config)
+        .await
+        .expect("relay pool");
+    assert_eq!(setting(relay.clone(), "jit").await, "off");
+    assert_eq!(setting(relay.clone(), "synchronous_commit").await, "off");
+    assert_eq!(
+        setting(relay.clone(), "plan_cache_mode").await,
+        "force_custom_plan"
+    );
+    workers.close().await;
+    relay.close().await;
+    env.finish().await;
+}
