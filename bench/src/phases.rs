@@ -89,15 +89,11 @@ pub async fn run(quick: bool, messages: Option<u64>) -> anyhow::Result<()> {
     };
     if result.is_err() {
         for g in &gateways {
-            eprintln!(
-                "gateway log {}:\n{}",
-                g.log.display(),
-                gateway::tail(&g.log)
-            );
+            eprintln!("gateway log {}:\n{}", g.log.display(), g.log_tail());
         }
     }
     for g in gateways {
-        if let Err(e) = g.stop().await {
+        if let Err(e) = gateway::stop(g).await {
             eprintln!("stopping a gateway: {e:#}");
         }
     }
@@ -261,7 +257,7 @@ async fn start_gateway(
     static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     let log = world.dir.join(format!("gateway-{n}.log"));
-    gateways.push(Gateway::spawn(&world.gateway_env(), &log)?);
+    gateways.push(gateway::spawn(&world.gateway_env(), &log)?);
     // Every worker of every process consumes the OA queue (default settings).
     let workers = trio_gateway::config::Config::default().workers;
     let expected = u32::try_from(workers * gateways.len())?;
@@ -575,7 +571,7 @@ async fn phases(
 
     // 6. Backlog.
     for g in gateways.drain(..) {
-        g.stop().await?;
+        gateway::stop(g).await?;
     }
     let queuing = Instant::now();
     let hot = &mut *traffic.hot;

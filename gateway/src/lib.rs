@@ -18,7 +18,8 @@
 //!   tests);
 //! - [`demo`]: an end-to-end scenario for newcomers;
 //! - [`dlq`]: listing and replaying dead letters;
-//! - [`partner`]: a minimal partner client (demo, benchmark, tests).
+//! - [`partner`]: a minimal partner client (demo, benchmark, tests);
+//! - [`process`]: a gateway as a child process (benchmark, fault-injection tests).
 
 pub mod admin;
 pub mod broker;
@@ -29,6 +30,7 @@ pub mod demo;
 pub mod dlq;
 pub mod envelope;
 pub mod partner;
+pub mod process;
 pub mod relay;
 pub mod serve;
 pub mod worker;

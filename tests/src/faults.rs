@@ -28,12 +28,13 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use trio_gateway::process::ChildProcess;
 
 /// The OA that sends the stream.
 pub const OA: &str = "300";
@@ -659,9 +660,7 @@ async fn dead_letters(env: &TestEnv) -> anyhow::Result<usize> {
 /// A `trio-gateway serve` running as its own process (default settings) on the test's vhost
 /// and database; its log goes to a file.
 pub struct GatewayProcess {
-    child: tokio::process::Child,
-    /// Its stderr.
-    pub log: PathBuf,
+    process: ChildProcess,
     killed: bool,
 }
 
@@ -677,9 +676,8 @@ impl GatewayProcess {
         if !domain_file.exists() {
             std::fs::write(&domain_file, &env.domain_json)?;
         }
-        let log = dir.join(format!("{label}.log"));
-        let stderr = std::fs::File::create(&log)?;
-        let child = tokio::process::Command::new(exe)
+        let mut command = tokio::process::Command::new(exe);
+        command
             .arg("serve")
             .env("TRIO_AMQP_URL", env.config.amqp_url.expose())
             .env("TRIO_DATABASE_URL", env.config.database_url.expose())
@@ -688,15 +686,11 @@ impl GatewayProcess {
             .env(
                 "RUST_LOG",
                 "warn,lapin=off,trio_gateway::relay=error,trio_gateway::worker=error",
-            )
-            .stdout(std::process::Stdio::null())
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
+            );
+        let process = ChildProcess::spawn(command, &dir.join(format!("{label}.log")))
             .with_context(|| format!("starting {}", exe.display()))?;
         Ok(GatewayProcess {
-            child,
-            log,
+            process,
             killed: false,
         })
     }
@@ -706,8 +700,7 @@ impl GatewayProcess {
     /// # Errors
     /// When it cannot be signalled.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        self.child.start_kill()?;
-        self.child.wait().await?;
+        self.process.kill().await?;
         self.killed = true;
         Ok(())
     }
@@ -715,32 +708,25 @@ impl GatewayProcess {
     /// SIGTERM, and waits for a clean exit (nothing to do for a process [`kill`](Self::kill)ed).
     ///
     /// # Errors
-    /// When it does not exit 0 within a minute, or had exited by itself.
-    pub async fn terminate(mut self) -> anyhow::Result<()> {
+    /// When it does not exit 0 within a minute of SIGTERM (or had already failed).
+    pub async fn terminate(self) -> anyhow::Result<()> {
         if self.killed {
             return Ok(());
         }
-        let pid = self.child.id().ok_or_else(|| anyhow!("already exited"))?;
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        if !status.success() {
-            bail!("kill -TERM {pid} failed");
-        }
-        let exit = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
-            .await
-            .context("the gateway did not stop within 60 s of SIGTERM")??;
+        let log = self.process.log.clone();
+        let exit = self.process.terminate(Duration::from_secs(60)).await?;
         if !exit.success() {
-            bail!("the gateway exited with {exit}; log:\n{}", self.log_tail());
+            bail!(
+                "the gateway exited with {exit}; log:\n{}",
+                trio_gateway::process::tail(&log)
+            );
         }
         Ok(())
     }
 
     /// The last lines of its log.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        self.process.log_tail()
     }
 }
 
