@@ -2,13 +2,15 @@
 //!
 //! 1. **prepare** (no locks held): parse each NISS, pseudonymise them all at once (cached, so no
 //!    P-521 work for an insured already seen), and get their in-transit forms;
-//! 2. **lock**: PostgreSQL transaction-scoped advisory locks on every insured and idempotency key
-//!    of the batch, taken in sorted order (so concurrent batches and processes never deadlock and
-//!    never apply two messages for one insured in overlapping transactions);
-//! 3. **load** the batch's view of the database ([`State`]);
+//! 2. **lock**: PostgreSQL transaction-scoped advisory locks on every insured, idempotency key and
+//!    upserted trajet of the batch, taken in sorted order (so concurrent batches and processes
+//!    never deadlock, and never apply two messages for one insured, one key or one trajet in
+//!    overlapping transactions);
+//! 3. **load** the batch's view of the database ([`State`]) in one statement;
 //! 4. **apply** each message in delivery order: duplicate check, sender authentication, the
 //!    message type's handler; outcome, reply and events recorded in memory;
-//! 5. **flush** with one statement per table, and **commit**. The caller acks after this returns.
+//! 5. **flush** (one statement for the tables every message writes, one per table for the rarer
+//!    writes), and **commit**. The caller acks after this returns.
 
 use crate::context::Context;
 use crate::inbound::{Inbound, SourceQueue};
