@@ -82,6 +82,11 @@ pub struct Config {
     pub max_message_bytes: usize,
 }
 
+/// The workers' PostgreSQL connections by default: one per batch in flight, and two to spare.
+fn default_db_pool_size(workers: usize) -> u32 {
+    u32::try_from(workers + 2).unwrap_or(16)
+}
+
 impl Default for Config {
     fn default() -> Self {
         let workers = 2;
@@ -98,7 +103,7 @@ impl Default for Config {
             delivery_limit: 5,
             relays: workers,
             broker_timeout: Duration::from_secs(10),
-            db_pool_size: 6,
+            db_pool_size: default_db_pool_size(workers),
             max_message_bytes: 1024 * 1024,
         }
     }
@@ -160,11 +165,7 @@ impl Config {
             delivery_limit: number("TRIO_DELIVERY_LIMIT", d.delivery_limit)?.max(1),
             relays,
             broker_timeout: Duration::from_millis(number("TRIO_BROKER_TIMEOUT_MS", 10_000)?),
-            db_pool_size: number(
-                "TRIO_DB_POOL_SIZE",
-                u32::try_from(workers + 2).unwrap_or(16),
-            )?
-            .max(2),
+            db_pool_size: number("TRIO_DB_POOL_SIZE", default_db_pool_size(workers))?.max(2),
             max_message_bytes: number("TRIO_MAX_MESSAGE_BYTES", d.max_message_bytes)?,
         })
     }

@@ -159,11 +159,16 @@ async fn handle_batch(
     batch: Vec<(SourceQueue, Delivery)>,
 ) -> anyhow::Result<()> {
     let limit = deps.config.broker_timeout;
-    let mut valid: Vec<(usize, Inbound)> = Vec::with_capacity(batch.len());
+    // The readable messages, and where each stands in the batch (for settling it).
+    let mut inbound: Vec<Inbound> = Vec::with_capacity(batch.len());
+    let mut positions: Vec<usize> = Vec::with_capacity(batch.len());
     let mut dead: Vec<(SourceQueue, &Delivery, DeadLetter)> = Vec::new();
     for (i, (queue, delivery)) in batch.iter().enumerate() {
         match envelope::check(*queue, delivery, deps.config.max_message_bytes) {
-            Checked::Valid(inbound) => valid.push((i, *inbound)),
+            Checked::Valid(message) => {
+                inbound.push(*message);
+                positions.push(i);
+            }
             Checked::Dead(letter) => {
                 warn!(queue = queue.routing_key(), reason = letter.reason.as_str(), detail = %letter.detail, "dead-lettering an unreadable message");
                 dead.push((*queue, delivery, letter));
@@ -173,7 +178,6 @@ async fn handle_batch(
     dead_letter::publish(publisher, &dead, limit).await?;
 
     let mut settle: Vec<Settle> = batch.iter().map(|_| Settle::Ack).collect();
-    let inbound: Vec<Inbound> = valid.iter().map(|(_, m)| m.clone()).collect();
     let mut outbox = Vec::new();
     match process_until_not_transient(deps, &inbound).await {
         Some(Ok(result)) => {
@@ -185,7 +189,7 @@ async fn handle_batch(
         Some(Err(failure)) => {
             warn!(error = %failure, messages = inbound.len(), "batch failed; retrying its messages one by one");
             let mut poison: Vec<(SourceQueue, &Delivery, DeadLetter)> = Vec::new();
-            for (i, message) in &valid {
+            for (i, message) in positions.iter().zip(&inbound) {
                 match process_until_not_transient(deps, std::slice::from_ref(message)).await {
                     Some(Ok(result)) => outbox.extend(result.outbox),
                     Some(Err(failure)) => {

@@ -165,8 +165,8 @@ pub(crate) struct Needs {
 /// What it follows, in order: the insured (and up to four NISS replacements onward), their
 /// current relations, the employers named or related and their current SEPPs, the organisations
 /// named, related or publishing, the insured's dossiers, the trajets the batch upserts by their
-/// own key (`$9`, `$10`: the sender's broker user and the ref, so a ref used for another insured
-/// is seen) and, when the batch replaces a NISS (`$11`), every trajet of those dossiers, the
+/// own key (`$9`, `$10`: the sender's broker user, whose organisation `org` already holds, and
+/// the ref, so a ref used for another insured is seen) and, when the batch replaces a NISS (`$11`), every trajet of those dossiers, the
 /// batch's idempotency keys already in the inbox, and ids for the dossiers the batch may create
 /// (`$8`, less those that exist).
 const LOAD: &str = "
@@ -219,11 +219,11 @@ WITH RECURSIVE ins AS (
     WHERE $11::bool
     UNION
     SELECT t.* FROM UNNEST($9::text[], $10::text[]) AS k(u, r)
-    CROSS JOIN LATERAL (SELECT kind, id FROM organisation WHERE broker_user = k.u OFFSET 0) o
+    JOIN org ON org.broker_user = k.u
     CROSS JOIN LATERAL (SELECT owner_kind, owner_id, ref, dossier_id, type, status, version,
                                request_received_on, start_on, end_on, consent
                         FROM trajet
-                        WHERE owner_kind = o.kind AND owner_id = o.id AND ref = k.r
+                        WHERE owner_kind = org.kind AND owner_id = org.id AND ref = k.r
                         OFFSET 0) t
 ), inb AS (
     SELECT i.* FROM UNNEST($6::text[], $7::text[]) AS k(s, m)
