@@ -17,8 +17,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use trio_handlers::OutboundMessage;
-use uuid::Uuid;
+use trio_handlers::{OutboundMessage, OutboxEntry};
 
 /// How many messages one publish round carries at most.
 const MAX_ROUND: usize = 1000;
@@ -38,7 +37,7 @@ pub struct RelayDeps {
 }
 
 /// Runs one relay task until every worker has stopped and the queue is drained.
-pub async fn run(deps: RelayDeps, queue: Arc<Mutex<mpsc::Receiver<Vec<OutboundMessage>>>>) {
+pub async fn run(deps: RelayDeps, queue: Arc<Mutex<mpsc::Receiver<Vec<OutboxEntry>>>>) {
     let mut channel: Option<Channel> = None;
     loop {
         let round = {
@@ -60,7 +59,7 @@ pub async fn run(deps: RelayDeps, queue: Arc<Mutex<mpsc::Receiver<Vec<OutboundMe
 }
 
 /// Publishes a round until the broker has answered for every message, then records the answers.
-async fn deliver(deps: &RelayDeps, channel: &mut Option<Channel>, round: Vec<OutboundMessage>) {
+async fn deliver(deps: &RelayDeps, channel: &mut Option<Channel>, round: Vec<OutboxEntry>) {
     let mut delays = backoff();
     let results = loop {
         match publish_round(deps, channel, &round).await {
@@ -86,12 +85,13 @@ async fn deliver(deps: &RelayDeps, channel: &mut Option<Channel>, round: Vec<Out
     let mut confirmed = Vec::new();
     let mut returned = Vec::new();
     let mut nacked = Vec::new();
-    for (message, result) in round.iter().zip(results) {
+    for (entry, result) in round.iter().zip(results) {
+        let message = &entry.message;
         debug!(message_id = %message.message_id, correlation_id = message.correlation_id.as_deref().unwrap_or(""), routing_key = %message.routing_key, ?result, "published");
         match result {
-            Published::Confirmed => confirmed.push(message.message_id),
-            Published::Returned => returned.push(message.message_id),
-            Published::Nacked => nacked.push(message.message_id),
+            Published::Confirmed => confirmed.push(entry.id),
+            Published::Returned => returned.push(entry.id),
+            Published::Nacked => nacked.push(entry.id),
         }
     }
     if !returned.is_empty() {
@@ -118,7 +118,7 @@ async fn deliver(deps: &RelayDeps, channel: &mut Option<Channel>, round: Vec<Out
 async fn publish_round(
     deps: &RelayDeps,
     channel: &mut Option<Channel>,
-    round: &[OutboundMessage],
+    round: &[OutboxEntry],
 ) -> anyhow::Result<Vec<Published>> {
     let ch = match channel {
         Some(ch) if ch.status().connected() => ch.clone(),
@@ -130,7 +130,7 @@ async fn publish_round(
     };
     let messages: Vec<_> = round
         .iter()
-        .map(|m| {
+        .map(|OutboxEntry { message: m, .. }| {
             (
                 m.exchange.clone(),
                 m.routing_key.clone(),
@@ -144,12 +144,12 @@ async fn publish_round(
 
 async fn record(
     db: &PgPool,
-    confirmed: &[Uuid],
-    returned: &[Uuid],
-    nacked: &[Uuid],
+    confirmed: &[i64],
+    returned: &[i64],
+    nacked: &[i64],
 ) -> sqlx::Result<()> {
     if !confirmed.is_empty() {
-        sqlx::query("DELETE FROM outbox WHERE message_id = ANY($1)")
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
             .bind(confirmed)
             .execute(db)
             .await?;
@@ -157,14 +157,14 @@ async fn record(
     if !returned.is_empty() {
         sqlx::query(
             "UPDATE outbox SET claimed_until = now() + interval '60 seconds' \
-             WHERE message_id = ANY($1)",
+             WHERE id = ANY($1)",
         )
         .bind(returned)
         .execute(db)
         .await?;
     }
     if !nacked.is_empty() {
-        sqlx::query("UPDATE outbox SET claimed_until = now() WHERE message_id = ANY($1)")
+        sqlx::query("UPDATE outbox SET claimed_until = now() WHERE id = ANY($1)")
             .bind(nacked)
             .execute(db)
             .await?;
@@ -196,16 +196,17 @@ pub async fn sweep(deps: RelayDeps, shutdown: CancellationToken) {
 }
 
 /// Claims up to [`MAX_ROUND`] expired rows for this process (30 s).
-async fn claim_expired(db: &PgPool) -> sqlx::Result<Vec<OutboundMessage>> {
-    // Oldest claims first, in the index's own order (no sort of every expired row), each due
-    // row then updated through its primary key.
+async fn claim_expired(db: &PgPool) -> sqlx::Result<Vec<OutboxEntry>> {
+    // Oldest rows first, in the primary key's order: the walk passes only the rows in flight
+    // (claimed for a few milliseconds) besides the expired ones, and dead rows are marked killed
+    // in the index on the first visit.
     let rows = sqlx::query(
-        "WITH due AS (SELECT message_id FROM outbox WHERE claimed_until < now() \
-                      ORDER BY claimed_until LIMIT $1 FOR UPDATE SKIP LOCKED) \
+        "WITH due AS (SELECT id FROM outbox WHERE claimed_until < now() \
+                      ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
          UPDATE outbox o SET claimed_until = now() + interval '30 seconds', \
                              attempts = o.attempts + 1 \
-         FROM due WHERE o.message_id = due.message_id \
-         RETURNING o.message_id, o.exchange, o.routing_key, o.type, o.content_type, \
+         FROM due WHERE o.id = due.id \
+         RETURNING o.id, o.message_id, o.exchange, o.routing_key, o.type, o.content_type, \
                    o.correlation_id, o.traceparent, o.body",
     )
     .bind(i64::try_from(MAX_ROUND).unwrap_or(1000))
@@ -213,7 +214,7 @@ async fn claim_expired(db: &PgPool) -> sqlx::Result<Vec<OutboundMessage>> {
     .await?;
     rows.into_iter()
         .map(|row| {
-            Ok(OutboundMessage {
+            let message = OutboundMessage {
                 message_id: row.try_get("message_id")?,
                 exchange: row.try_get("exchange")?,
                 routing_key: row.try_get("routing_key")?,
@@ -222,6 +223,10 @@ async fn claim_expired(db: &PgPool) -> sqlx::Result<Vec<OutboundMessage>> {
                 correlation_id: row.try_get("correlation_id")?,
                 traceparent: row.try_get("traceparent")?,
                 body: row.try_get("body")?,
+            };
+            Ok(OutboxEntry {
+                id: row.try_get("id")?,
+                message,
             })
         })
         .collect()

@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
-use trio_handlers::{BatchError, Context, Inbound, OutboundMessage, SourceQueue};
+use trio_handlers::{BatchError, Context, Inbound, OutboxEntry, SourceQueue};
 
 /// Everything a worker shares with the rest of the process.
 #[derive(Clone)]
@@ -41,7 +41,7 @@ pub struct WorkerDeps {
     /// Connections for publishing (dead letters).
     pub publish_pool: deadpool_lapin::Pool,
     /// Committed outbox batches, to the relay.
-    pub relay: mpsc::Sender<Vec<OutboundMessage>>,
+    pub relay: mpsc::Sender<Vec<OutboxEntry>>,
     /// Stops taking new messages.
     pub shutdown: CancellationToken,
 }

@@ -15,7 +15,7 @@
 use crate::context::Context;
 use crate::inbound::{Inbound, SourceQueue};
 use crate::messages::{self, Decision, HandlerBug, Pseudonyms, Sender};
-use crate::outbound::{self, OutboundMessage};
+use crate::outbound::{self, OutboxEntry};
 use crate::outcome::{Outcome, RejectCode, Rejection};
 use crate::state::{Needs, State};
 use sha2::{Digest, Sha256};
@@ -29,7 +29,7 @@ pub struct BatchResult {
     /// One outcome per inbound message, in batch order.
     pub outcomes: Vec<Outcome>,
     /// Replies and events committed in the outbox, to publish now.
-    pub outbox: Vec<OutboundMessage>,
+    pub outbox: Vec<OutboxEntry>,
 }
 
 /// Why a batch was not committed.
@@ -304,12 +304,9 @@ pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResu
         let outcome = apply_one(ctx, &mut state, inbound, pseudonyms, &in_transit)?;
         outcomes.push(outcome);
     }
-    state.flush(&mut tx).await?;
+    let outbox = state.flush(&mut tx).await?;
     tx.commit().await?;
-    Ok(BatchResult {
-        outcomes,
-        outbox: std::mem::take(&mut state.outbox),
-    })
+    Ok(BatchResult { outcomes, outbox })
 }
 
 /// Step 4 for one message.

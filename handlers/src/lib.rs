@@ -27,7 +27,7 @@ pub use batch::{BatchError, BatchResult, process_batch};
 pub use context::Context;
 pub use inbound::{Inbound, SourceQueue};
 pub use messages::HandlerBug;
-pub use outbound::OutboundMessage;
+pub use outbound::{OutboundMessage, OutboxEntry};
 pub use outcome::{Outcome, RejectCode, Rejection, Status};
 
 /// The embedded database migrations (`handlers/migrations`).

@@ -32,6 +32,16 @@ pub struct OutboundMessage {
     pub body: Vec<u8>,
 }
 
+/// An outbound message committed in the outbox, with the id of the row that holds it: the relay
+/// deletes that row once the broker confirmed the message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEntry {
+    /// `outbox.id`.
+    pub id: i64,
+    /// The message as it goes on the wire.
+    pub message: OutboundMessage,
+}
+
 /// Derives a stable message id from the parts that identify an event and its recipient.
 pub fn stable_message_id(parts: &[&str]) -> Uuid {
     Uuid::new_v5(&MESSAGE_ID_NAMESPACE, parts.join("\u{1f}").as_bytes())

@@ -17,13 +17,14 @@
 //! The plan is then the same for every batch, so the generic plan PostgreSQL caches for a
 //! prepared statement is the right one and no batch pays for planning.
 
-use crate::outbound::OutboundMessage;
+use crate::outbound::{OutboundMessage, OutboxEntry};
 use crate::outcome::{Outcome, Status};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use time::{Date, OffsetDateTime};
 use trio_schemas::{Consent, Format, OrgKind, TrajetType};
+use uuid::Uuid;
 
 /// `(kind, id)` of an organisation.
 pub(crate) type OrgKey = (OrgKind, String);
@@ -291,6 +292,8 @@ pub(crate) struct State {
     dossiers: HashMap<i64, Dossier>,
     dossier_by_pseudonym: HashMap<String, i64>,
     trajets: HashMap<TrajetKey, TrajetRow>,
+    /// The trajets the load found in the database (updated in place; the others are inserted).
+    stored_trajets: HashSet<TrajetKey>,
     inbox: HashMap<(String, String), Outcome>,
     spare_dossier_ids: Vec<i64>,
 
@@ -325,6 +328,7 @@ impl State {
             dossiers: HashMap::new(),
             dossier_by_pseudonym: HashMap::new(),
             trajets: HashMap::new(),
+            stored_trajets: HashSet::new(),
             inbox: HashMap::new(),
             spare_dossier_ids: Vec::new(),
             dirty_orgs: BTreeSet::new(),
@@ -539,6 +543,7 @@ impl State {
                 end_on: end_on[i],
                 consent: consent[i].as_deref().and_then(Consent::parse),
             };
+            self.stored_trajets.insert(key.clone());
             self.trajets.insert(key, trajet);
         }
         Ok(())
@@ -907,8 +912,11 @@ impl State {
         }
     }
 
-    /// Writes every pending change with one statement per table.
-    pub(crate) async fn flush(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+    /// Writes every pending change with one statement per table; returns the outbox as committed.
+    pub(crate) async fn flush(
+        &mut self,
+        conn: &mut PgConnection,
+    ) -> sqlx::Result<Vec<OutboxEntry>> {
         self.flush_orgs(conn).await?;
         self.flush_insured(conn).await?;
         self.flush_relations(conn).await?;
@@ -1129,13 +1137,14 @@ impl State {
     /// The tables every message writes — trajets, history, inbox and outbox — in one statement
     /// (one data-modifying CTE each: they run once, in full, whether or not the final statement
     /// reads them; foreign keys are checked when the statement ends).
-    async fn flush_hot(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+    /// Returns the outbox as committed, each message with its row's id.
+    async fn flush_hot(&mut self, conn: &mut PgConnection) -> sqlx::Result<Vec<OutboxEntry>> {
         if self.dirty_trajets.is_empty()
             && self.history.is_empty()
             && self.new_inbox.is_empty()
             && self.outbox.is_empty()
         {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let t: Vec<(&TrajetKey, &TrajetRow)> = self
             .dirty_trajets
@@ -1145,7 +1154,7 @@ impl State {
         let h = &self.history;
         let i = &self.new_inbox;
         let o = &self.outbox;
-        sqlx::query(FLUSH_HOT)
+        let rows = sqlx::query(FLUSH_HOT)
             .bind(
                 t.iter()
                     .map(|(k, _)| k.owner_kind.as_str())
@@ -1235,34 +1244,52 @@ impl State {
                     .collect::<Vec<_>>(),
             )
             .bind(o.iter().map(|m| m.body.as_slice()).collect::<Vec<_>>())
-            .execute(&mut *conn)
+            .bind(
+                t.iter()
+                    .map(|(k, _)| self.stored_trajets.contains(k))
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&mut *conn)
             .await?;
-        Ok(())
+        outbox_entries(std::mem::take(&mut self.outbox), &rows)
     }
 }
 
-/// [`State::flush_hot`]'s statement: trajets upserted (`$1`–`$11`), history appended
-/// (`$12`–`$17`), outcomes recorded in the inbox (`$18`–`$25`) and outbound messages put in the
-/// outbox, claimed for 30 s by this process's relay (`$26`–`$33`).
+/// [`State::flush_hot`]'s statement: trajets written (`$1`–`$11`, and `$34`: whether the load
+/// found the row), history appended (`$12`–`$17`), outcomes recorded in the inbox (`$18`–`$25`)
+/// and outbound messages put in the outbox, claimed for 30 s by this process's relay
+/// (`$26`–`$33`); it returns each outbox row's id with its `message_id`.
+///
+/// Trajets the load found are updated, the others inserted, both plainly: the batch holds the
+/// lock of every trajet it writes (its key's, or its insured's) and loaded it after taking it.
+/// `INSERT … ON CONFLICT DO UPDATE` would write a row-lock WAL record before each update.
 ///
 /// The inbox rows are plain inserts: the batch holds the advisory lock of each idempotency key
 /// and loaded the inbox after taking it, so a key already recorded was answered as a duplicate
 /// and is not among them (an `ON CONFLICT` clause would make PostgreSQL insert speculatively and
 /// write one more WAL record per message for nothing; a conflict would be a bug, and fails the
-/// batch). The outbox keeps `ON CONFLICT DO NOTHING`: a duplicate's reply has its first reply's
-/// `message_id`, and that row may not be published yet.
+/// batch). The outbox has no unique key on `message_id` (see the migration that gave it `id`).
 const FLUSH_HOT: &str = "
-WITH trajets AS (
-    INSERT INTO trajet (owner_kind, owner_id, ref, dossier_id, type, status, version,
-                        request_received_on, start_on, end_on, consent)
+WITH written AS (
     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
                          $6::text[], $7::bigint[], $8::date[], $9::date[], $10::date[],
-                         $11::text[])
-    ON CONFLICT (owner_kind, owner_id, ref) DO UPDATE SET
-        dossier_id = EXCLUDED.dossier_id, status = EXCLUDED.status,
-        version = EXCLUDED.version, request_received_on = EXCLUDED.request_received_on,
-        start_on = EXCLUDED.start_on, end_on = EXCLUDED.end_on,
-        consent = EXCLUDED.consent, updated_at = now()
+                         $11::text[], $34::bool[])
+        AS w(owner_kind, owner_id, ref, dossier_id, type, status, version,
+             request_received_on, start_on, end_on, consent, stored)
+), updated AS (
+    UPDATE trajet t SET
+        dossier_id = w.dossier_id, status = w.status, version = w.version,
+        request_received_on = w.request_received_on, start_on = w.start_on,
+        end_on = w.end_on, consent = w.consent, updated_at = now()
+    FROM written w
+    WHERE w.stored AND t.owner_kind = w.owner_kind AND t.owner_id = w.owner_id
+      AND t.ref = w.ref
+), created AS (
+    INSERT INTO trajet (owner_kind, owner_id, ref, dossier_id, type, status, version,
+                        request_received_on, start_on, end_on, consent)
+    SELECT owner_kind, owner_id, ref, dossier_id, type, status, version,
+           request_received_on, start_on, end_on, consent
+    FROM written WHERE NOT stored
 ), history_lines AS (
     INSERT INTO history (dossier_id, actor_kind, actor_id, resource, operation, detail)
     SELECT d, ak, ai, r, o, de::jsonb
@@ -1279,7 +1306,34 @@ INSERT INTO outbox (message_id, exchange, routing_key, type, content_type, corre
 SELECT *, now() + interval '30 seconds'
 FROM UNNEST($26::uuid[], $27::text[], $28::text[], $29::text[], $30::text[], $31::text[],
             $32::text[], $33::bytea[])
-ON CONFLICT (message_id) DO NOTHING";
+RETURNING id, message_id";
+
+/// Pairs each outbox message with the id of the row [`FLUSH_HOT`] inserted for it. Rows come
+/// back as `(id, message_id)`, in no promised order; a `message_id` may repeat (a duplicate's
+/// reply), and then any of its ids will do, one each.
+fn outbox_entries(outbox: Vec<OutboundMessage>, rows: &[PgRow]) -> sqlx::Result<Vec<OutboxEntry>> {
+    let mut ids: HashMap<Uuid, Vec<i64>> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        ids.entry(row.try_get("message_id")?)
+            .or_default()
+            .push(row.try_get("id")?);
+    }
+    outbox
+        .into_iter()
+        .map(|message| {
+            let id = ids
+                .get_mut(&message.message_id)
+                .and_then(Vec::pop)
+                .ok_or_else(|| {
+                    sqlx::Error::Protocol(format!(
+                        "the outbox insert returned no row for message {}",
+                        message.message_id
+                    ))
+                })?;
+            Ok(OutboxEntry { id, message })
+        })
+        .collect()
+}
 
 /// The stable, human-quotable dossier number («numéro du dossier»).
 pub(crate) fn dossier_number(id: i64) -> String {

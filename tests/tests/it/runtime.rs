@@ -347,3 +347,62 @@ async fn gateway_sessions_never_jit_and_the_relay_commits_without_waiting_for_th
     relay.close().await;
     env.finish().await;
 }
+
+#[tokio::test]
+async fn the_sweeper_publishes_rows_a_crashed_process_left_and_keeps_unroutable_ones() {
+    // Two rows as a process that died after its commit leaves them: claim expired, never
+    // published. One is routable, one has no queue bound for its routing key yet.
+    let env = TestEnv::start().await;
+    let operator = env.operator().await;
+    let mut listener = operator.listen("gp.sweeper-test").await.unwrap();
+    let routable = uuid::Uuid::new_v4();
+    let unroutable = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO outbox (message_id, exchange, routing_key, type, content_type, body, \
+                             claimed_until) \
+         SELECT m, 'trio.outbound', k, 'trajet.updated', 'application/json', '{}'::bytea, \
+                now() - interval '1 second' \
+         FROM UNNEST($1::uuid[], $2::text[]) AS r(m, k)",
+    )
+    .bind(vec![routable, unroutable])
+    .bind(vec!["gp.sweeper-test", "gp.nobody-listens"])
+    .execute(&env.db)
+    .await
+    .unwrap();
+
+    let delivery = listener
+        .next(WAIT)
+        .await
+        .unwrap()
+        .expect("the sweeper publishes the expired row");
+    assert_eq!(
+        delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some(routable.to_string().as_str()),
+        "with the message_id it was committed with"
+    );
+    // the confirmed row is deleted; the returned one stays, claimed for a minute
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = sqlx::query_as::<_, (uuid::Uuid, i32, bool)>(
+            "SELECT message_id, attempts, claimed_until > now() + interval '30 seconds' \
+             FROM outbox",
+        )
+        .fetch_all(&env.db)
+        .await
+        .unwrap();
+        if left == [(unroutable, 1, true)] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        left,
+        vec![(unroutable, 1, true)],
+        "only the unroutable row is left, tried once and claimed for a minute"
+    );
+    env.finish().await;
+}
