@@ -173,8 +173,15 @@ async fn in_transit_map(
         .collect())
 }
 
-/// A 64-bit advisory-lock key for a string (first 8 bytes of its SHA-256).
-fn lock_key(domain: &str, value: &str) -> i64 {
+/// How many times a batch locks newly found NISS successors and loads again before it gives up
+/// for now (a successor replaced meanwhile by another batch needs one more round).
+const MAX_REDIRECT_ROUNDS: usize = 4;
+
+/// The 64-bit advisory-lock key of a string in a domain (first 8 bytes of a SHA-256 over both):
+/// `("insured", at-rest pseudonym)`, `("trajet", "<broker user>\n<ref>")`,
+/// `("inbox", "<broker user>\n<message_id>")`, `("org", "<kind>.<id>")`, `("broker_user", …)`,
+/// `("employer", …)`. Whatever else changes those rows while gateways run takes the same lock.
+pub fn lock_key(domain: &str, value: &str) -> i64 {
     let digest = Sha256::new()
         .chain_update(domain.as_bytes())
         .chain_update([0u8])
@@ -265,7 +272,7 @@ fn needs(batch: &[Inbound], prepared: &Prepared) -> (Needs, Vec<i64>) {
 /// [`BatchError::Failed`] for anything else (retry message by message).
 pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResult, BatchError> {
     let (prepared, mut in_transit) = prepare(ctx, batch).await?;
-    let (needs, locks) = needs(batch, &prepared);
+    let (mut needs, locks) = needs(batch, &prepared);
 
     let mut tx = ctx.pool.begin().await?;
     // The locks, in sorted order, and the transaction's time in one round trip (a round trip
@@ -279,24 +286,40 @@ pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResu
     .await?;
     let mut state = State::load(&mut tx, &needs, now).await?;
 
-    // A NISS replaced earlier resolves to its successor: lock it and get its in-transit form too.
-    let redirected: BTreeSet<String> = needs
-        .pseudonyms
-        .iter()
-        .map(|p| state.resolve(p))
-        .filter(|p| !needs.pseudonyms.contains(p))
-        .collect();
-    if !redirected.is_empty() {
+    // A NISS replaced earlier resolves to its successor, which the locks above did not cover:
+    // the load read the successor's rows (facts, relations, dossier) without its lock, and
+    // another batch on the successor may have changed them since. So lock the successors, then
+    // load again: every row the batch decides on was read under its insured's lock. Batches
+    // without replaced NISS skip this; a chain that keeps moving is retried later.
+    let mut rounds = 0;
+    loop {
+        let redirected: BTreeSet<String> = needs
+            .pseudonyms
+            .iter()
+            .map(|p| state.resolve(p))
+            .filter(|p| !needs.pseudonyms.contains(p))
+            .collect();
+        if redirected.is_empty() {
+            break;
+        }
+        rounds += 1;
+        if rounds > MAX_REDIRECT_ROUNDS {
+            return Err(BatchError::Transient(
+                "NISS replacements kept changing while the batch locked their successors".into(),
+            ));
+        }
         let keys: Vec<i64> = redirected.iter().map(|p| lock_key("insured", p)).collect();
         sqlx::query("SELECT pg_advisory_xact_lock(k) FROM UNNEST($1::bigint[]) AS k")
             .bind(&keys)
             .execute(&mut *tx)
             .await?;
         let at_rest = redirected
-            .into_iter()
-            .filter_map(|p| AtRest::from_stored(p).ok())
+            .iter()
+            .filter_map(|p| AtRest::from_stored(p.clone()).ok())
             .collect();
         in_transit.extend(in_transit_map(ctx, at_rest).await?);
+        needs.pseudonyms.extend(redirected);
+        state = State::load(&mut tx, &needs, now).await?;
     }
 
     let mut outcomes = Vec::with_capacity(batch.len());

@@ -1325,10 +1325,13 @@ fn outbox_entries(outbox: Vec<OutboundMessage>, rows: &[PgRow]) -> sqlx::Result<
                 .get_mut(&message.message_id)
                 .and_then(Vec::pop)
                 .ok_or_else(|| {
-                    sqlx::Error::Protocol(format!(
-                        "the outbox insert returned no row for message {}",
-                        message.message_id
-                    ))
+                    sqlx::Error::Decode(
+                        format!(
+                            "the outbox insert returned no row for message {}",
+                            message.message_id
+                        )
+                        .into(),
+                    )
                 })?;
             Ok(OutboxEntry { id, message })
         })

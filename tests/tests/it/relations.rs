@@ -2,7 +2,8 @@
 
 use crate::{World, assert_reply, count, trajet};
 use serde_json::json;
-use trio_tests::{request, synthetic_niss};
+use trio_gateway::partner::Outgoing;
+use trio_tests::{WAIT, request, synthetic_niss};
 
 #[tokio::test]
 async fn niss_replacement_moves_the_dossier_to_the_new_niss() {
@@ -123,5 +124,83 @@ async fn organisation_upsert_updates_and_guards_broker_users() {
             .unwrap();
     assert_eq!((name.as_str(), format.as_str()), ("Renamed", "xml"));
     assert_eq!(count(&w.env, "organisation").await, 3);
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn a_message_on_a_replaced_niss_reads_its_successor_under_the_successors_lock() {
+    // A message naming a replaced NISS resolves to the successor, whose lock the batch can take
+    // only once its load found the replacement. A transaction holding that lock (another batch,
+    // on the successor) records the insured's death meanwhile: the message must see it.
+    let mut w = World::new(33).await;
+    let old = w.niss.clone();
+    let new = synthetic_niss(33_033);
+    let first = request(
+        &mut w.oa,
+        "oa",
+        "trajet.upsert",
+        &trajet(&old, "t", "rtw_ami", "en_cours", 1),
+    )
+    .await;
+    assert_reply(&first, "accepted", None);
+    w.env
+        .relate(
+            &mut w.operator,
+            json!({"kind": "niss_replaced", "old_niss": old, "new_niss": new}),
+        )
+        .await;
+    let successor: String = sqlx::query_scalar("SELECT pseudonym FROM dossier WHERE number = $1")
+        .bind(first.body["result"]["dossier_number"].as_str().unwrap())
+        .fetch_one(&w.env.db)
+        .await
+        .unwrap();
+
+    let mut other_batch = w.env.db.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(trio_handlers::batch::lock_key("insured", &successor))
+        .execute(&mut *other_batch)
+        .await
+        .unwrap();
+    let message_id = uuid::Uuid::new_v4().to_string();
+    w.oa.publish(&Outgoing::json(
+        "oa",
+        "trajet.upsert",
+        &message_id,
+        &trajet(&old, "t", "rtw_ami", "termine", 2),
+    ))
+    .await
+    .unwrap();
+    // the gateway's batch has loaded and now waits for the successor's lock
+    let mut waiting = false;
+    for _ in 0..200 {
+        waiting = sqlx::query_scalar(
+            "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .fetch_one(&w.env.db)
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(waiting, "the batch never waited for the successor's lock");
+    sqlx::query(
+        "INSERT INTO insured (pseudonym, died_on) VALUES ($1, '2026-11-01') \
+                 ON CONFLICT (pseudonym) DO UPDATE SET died_on = EXCLUDED.died_on",
+    )
+    .bind(&successor)
+    .execute(&mut *other_batch)
+    .await
+    .unwrap();
+    other_batch.commit().await.unwrap();
+
+    let r = w.oa.reply_to(&message_id, WAIT).await.unwrap();
+    assert_reply(&r, "rejected", Some("deceased"));
+    let version: i64 = sqlx::query_scalar("SELECT version FROM trajet WHERE ref = 't'")
+        .fetch_one(&w.env.db)
+        .await
+        .unwrap();
+    assert_eq!(version, 1, "nothing applied for a deceased insured");
     w.env.finish().await;
 }
