@@ -197,12 +197,11 @@ pub async fn sweep(deps: RelayDeps, shutdown: CancellationToken) {
 
 /// Claims up to [`MAX_ROUND`] expired rows for this process (30 s).
 async fn claim_expired(db: &PgPool) -> sqlx::Result<Vec<OutboxEntry>> {
-    // Oldest rows first, in the primary key's order: the walk passes only the rows in flight
-    // (claimed for a few milliseconds) besides the expired ones, and dead rows are marked killed
-    // in the index on the first visit.
+    // Oldest claims first, in the index's own order (no sort of every expired row), each due
+    // row then updated through its primary key.
     let rows = sqlx::query(
         "WITH due AS (SELECT id FROM outbox WHERE claimed_until < now() \
-                      ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                      ORDER BY claimed_until LIMIT $1 FOR UPDATE SKIP LOCKED) \
          UPDATE outbox o SET claimed_until = now() + interval '30 seconds', \
                              attempts = o.attempts + 1 \
          FROM due WHERE o.id = due.id \
