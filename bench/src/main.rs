@@ -12,6 +12,7 @@ mod cpu;
 mod gateway;
 mod phases;
 mod setup;
+mod wal;
 
 use std::process::ExitCode;
 

@@ -15,6 +15,7 @@ use crate::amqp::{self, Message, Publisher, Received, Sink};
 use crate::cpu;
 use crate::gateway::{self, Gateway};
 use crate::setup::{GP_ID, OA_ID, World};
+use crate::wal;
 use anyhow::{Context as _, bail};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -468,6 +469,7 @@ async fn phases(
     );
 
     // 3. Gateway 1:1.
+    let wal_before = wal::snapshot(&world.db).await;
     let cpu_before = cpu::snapshot(&pids(gateways));
     let (one, got) = traffic
         .saturated(3, sizes.one_to_one, "gateway 1:1")
@@ -475,6 +477,11 @@ async fn phases(
     let cpu_one = cpu::PerMessage::between(
         &cpu_before,
         &cpu::snapshot(&pids(gateways)),
+        sizes.one_to_one,
+    );
+    let wal_one = wal::PerMessage::between(
+        &wal_before,
+        &wal::snapshot(&world.db).await,
         sizes.one_to_one,
     );
     let gateway_rate = one.per_second();
@@ -492,14 +499,18 @@ async fn phases(
         stale_note(&got)
     );
     println!("[3 gateway 1:1] {cpu_one}");
+    println!("[3 gateway 1:1] {wal_one}");
 
     // 4. Half load.
     let half_rate = gateway_rate / 2.0;
     let half_count = ((half_rate * sizes.half_load_seconds) as u64).max(200);
+    let wal_before = wal::snapshot(&world.db).await;
     let cpu_before = cpu::snapshot(&pids(gateways));
     let (_, got) = traffic.run(4, half_count, Some(half_rate)).await?;
     let cpu_half =
         cpu::PerMessage::between(&cpu_before, &cpu::snapshot(&pids(gateways)), half_count);
+    let wal_half =
+        wal::PerMessage::between(&wal_before, &wal::snapshot(&world.db).await, half_count);
     span(world, 4, Instant::now(), &got, half_count, "half load").await?;
     let p99_half = got.quantile_ms(0.99);
     println!(
@@ -509,7 +520,9 @@ async fn phases(
         stale_note(&got)
     );
     println!("[4 half load] {cpu_half}");
+    println!("[4 half load] {wal_half}");
     // The broker's share of that latency: the plain relay at the same pace.
+    let wal_before = wal::snapshot(&world.db).await;
     let (_, reference) = relay_run(
         &operator_url,
         world,
@@ -528,10 +541,14 @@ async fn phases(
         "relay at half load",
     )
     .await?;
+    let wal_reference =
+        wal::PerMessage::between(&wal_before, &wal::snapshot(&world.db).await, half_count);
     println!(
-        "[4 half load] the plain relay at the same pace: latency p50 {:.1} ms p99 {:.1} ms",
+        "[4 half load] the plain relay at the same pace: latency p50 {:.1} ms p99 {:.1} ms \
+         (checkpoints begun meanwhile: {})",
         reference.quantile_ms(0.5),
-        reference.quantile_ms(0.99)
+        reference.quantile_ms(0.99),
+        wal_reference.checkpoints()
     );
 
     // 5. Scale.
@@ -548,11 +565,17 @@ async fn phases(
         sizes.cold,
         seeding.elapsed().as_secs_f64()
     );
+    let wal_before = wal::snapshot(&world.db).await;
     let cpu_before = cpu::snapshot(&pids(gateways));
     let (scaled, got) = traffic.saturated(5, sizes.one_to_one, "scale").await?;
     let cpu_scaled = cpu::PerMessage::between(
         &cpu_before,
         &cpu::snapshot(&pids(gateways)),
+        sizes.one_to_one,
+    );
+    let wal_scaled = wal::PerMessage::between(
+        &wal_before,
+        &wal::snapshot(&world.db).await,
         sizes.one_to_one,
     );
     println!(
@@ -568,6 +591,7 @@ async fn phases(
         stale_note(&got)
     );
     println!("[5 scale] {cpu_scaled}");
+    println!("[5 scale] {wal_scaled}");
 
     // 6. Backlog.
     for g in gateways.drain(..) {

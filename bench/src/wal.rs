@@ -1,0 +1,102 @@
+//! What a phase wrote to PostgreSQL's WAL, per message, and how many checkpoints it saw: read
+//! from `pg_stat_wal` and `pg_stat_bgwriter` (cluster-wide, so the bench's database is assumed to
+//! be the only busy one) before and after the phase.
+//!
+//! WAL volume is what a message's durable writes cost the database, beyond CPU: it decides how
+//! often checkpoints come (every `max_wal_size` of WAL), and a checkpoint's writes share the disk
+//! with the broker's fsyncs.
+
+use sqlx::PgPool;
+use std::fmt;
+
+/// Cumulative WAL and checkpoint counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Snapshot {
+    records: i64,
+    full_page_images: i64,
+    bytes: i64,
+    checkpoints: i64,
+}
+
+/// Reads the counters; zeros when they cannot be read (the line then says nothing useful, and
+/// the phase goes on).
+pub async fn snapshot(db: &PgPool) -> Snapshot {
+    sqlx::query_as::<_, (i64, i64, i64, i64)>(
+        "SELECT w.wal_records, w.wal_fpi, w.wal_bytes::bigint, \
+                b.checkpoints_timed + b.checkpoints_req \
+         FROM pg_stat_wal w, pg_stat_bgwriter b",
+    )
+    .fetch_one(db)
+    .await
+    .map(|(records, full_page_images, bytes, checkpoints)| Snapshot {
+        records,
+        full_page_images,
+        bytes,
+        checkpoints,
+    })
+    .unwrap_or_default()
+}
+
+/// WAL per message between two snapshots.
+pub struct PerMessage {
+    records: f64,
+    full_page_images: f64,
+    bytes: f64,
+    checkpoints: i64,
+}
+
+impl PerMessage {
+    /// From `before` to `after`, over `messages`.
+    pub fn between(before: &Snapshot, after: &Snapshot, messages: u64) -> Self {
+        let per = |a: i64, b: i64| (a - b).max(0) as f64 / messages.max(1) as f64;
+        Self {
+            records: per(after.records, before.records),
+            full_page_images: per(after.full_page_images, before.full_page_images),
+            bytes: per(after.bytes, before.bytes),
+            checkpoints: (after.checkpoints - before.checkpoints).max(0),
+        }
+    }
+
+    /// Checkpoints begun between the two snapshots.
+    pub fn checkpoints(&self) -> i64 {
+        self.checkpoints
+    }
+}
+
+impl fmt::Display for PerMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "WAL per message {:.0} bytes in {:.1} records ({:.2} full-page images); \
+             checkpoints begun: {}",
+            self.bytes, self.records, self.full_page_images, self.checkpoints
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_message_divides_the_differences() {
+        let before = Snapshot {
+            records: 100,
+            full_page_images: 10,
+            bytes: 1_000,
+            checkpoints: 3,
+        };
+        let after = Snapshot {
+            records: 1_100,
+            full_page_images: 60,
+            bytes: 261_000,
+            checkpoints: 5,
+        };
+        let line = PerMessage::between(&before, &after, 100).to_string();
+        assert_eq!(
+            line,
+            "WAL per message 2600 bytes in 10.0 records (0.50 full-page images); \
+             checkpoints begun: 2"
+        );
+    }
+}
