@@ -105,12 +105,15 @@ pub async fn run(quick: bool, messages: Option<u64>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints how many warnings and errors the gateway processes logged, grouped by message.
+/// Prints how many warnings and errors the gateway processes logged, grouped by message (lines
+/// that differ only in their numbers, such as slow-batch timings, are one group), each group
+/// with its first line in full.
 fn report_log_warnings(world: &World) {
     let Ok(entries) = std::fs::read_dir(&world.dir) else {
         return;
     };
-    let mut kinds: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let mut kinds: std::collections::BTreeMap<String, (usize, String)> =
+        std::collections::BTreeMap::new();
     for entry in entries.flatten() {
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
         for line in text.lines() {
@@ -118,15 +121,62 @@ fn report_log_warnings(world: &World) {
             let Some(at) = plain.find(" WARN ").or_else(|| plain.find(" ERROR ")) else {
                 continue;
             };
-            let message: String = plain[at..].chars().take(90).collect();
-            *kinds.entry(message).or_default() += 1;
+            let key: String = plain[at..]
+                .chars()
+                .take(90)
+                .map(|c| if c.is_ascii_digit() { '#' } else { c })
+                .collect();
+            let example = || plain[at..].chars().take(300).collect::<String>();
+            kinds.entry(key).or_insert_with(|| (0, example())).0 += 1;
         }
     }
-    let total: usize = kinds.values().sum();
+    let total: usize = kinds.values().map(|(count, _)| count).sum();
     println!("gateway logs: {total} warning/error line(s)");
-    for (message, count) in kinds {
-        println!("  {count} × {message}");
+    for (count, example) in kinds.into_values() {
+        println!("  {count} × {example}");
     }
+}
+
+/// How far each gateway log has been written: what a phase logs comes after these offsets.
+fn log_marks(world: &World) -> std::collections::BTreeMap<std::path::PathBuf, usize> {
+    let Ok(entries) = std::fs::read_dir(&world.dir) else {
+        return std::collections::BTreeMap::new();
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let len = std::fs::read(e.path()).map(|b| b.len()).unwrap_or(0);
+            (e.path(), len)
+        })
+        .collect()
+}
+
+/// The warnings and errors the gateways logged since `marks` (the message and its fields, no
+/// timestamp), so a phase's latency tail can be told apart: a slow batch says which step was
+/// slow, a slow publish round that the broker was.
+fn warnings_since(
+    world: &World,
+    marks: &std::collections::BTreeMap<std::path::PathBuf, usize>,
+) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(&world.dir) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let bytes = std::fs::read(entry.path()).unwrap_or_default();
+        let from = marks
+            .get(&entry.path())
+            .copied()
+            .unwrap_or(0)
+            .min(bytes.len());
+        for line in String::from_utf8_lossy(&bytes[from..]).lines() {
+            let plain = strip_ansi(line);
+            if let Some(at) = plain.find(" WARN ").or_else(|| plain.find(" ERROR ")) {
+                found.push(plain[at..].trim().chars().take(300).collect());
+            }
+        }
+    }
+    found
 }
 
 /// A log line without its terminal colour codes.
@@ -504,6 +554,7 @@ async fn phases(
     // 4. Half load.
     let half_rate = gateway_rate / 2.0;
     let half_count = ((half_rate * sizes.half_load_seconds) as u64).max(200);
+    let logged_before = log_marks(world);
     let wal_before = wal::snapshot(&world.db).await;
     let cpu_before = cpu::snapshot(&pids(gateways));
     let (_, got) = traffic.run(4, half_count, Some(half_rate)).await?;
@@ -521,6 +572,14 @@ async fn phases(
     );
     println!("[4 half load] {cpu_half}");
     println!("[4 half load] {wal_half}");
+    let warnings = warnings_since(world, &logged_before);
+    println!(
+        "[4 half load] gateway warnings meanwhile: {}",
+        warnings.len()
+    );
+    for warning in warnings.iter().take(10) {
+        println!("[4 half load]   {warning}");
+    }
     // The broker's share of that latency: the plain relay at the same pace.
     let wal_before = wal::snapshot(&world.db).await;
     let (_, reference) = relay_run(

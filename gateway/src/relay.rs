@@ -61,6 +61,7 @@ pub async fn run(deps: RelayDeps, queue: Arc<Mutex<mpsc::Receiver<Vec<OutboxEntr
 /// Publishes a round until the broker has answered for every message, then records the answers.
 async fn deliver(deps: &RelayDeps, channel: &mut Option<Channel>, round: Vec<OutboxEntry>) {
     let mut delays = backoff();
+    let started = std::time::Instant::now();
     let results = loop {
         match publish_round(deps, channel, &round).await {
             Ok(results) => break results,
@@ -82,6 +83,14 @@ async fn deliver(deps: &RelayDeps, channel: &mut Option<Channel>, round: Vec<Out
             }
         }
     };
+    let published = started.elapsed();
+    if published >= trio_handlers::batch::SLOW_BATCH {
+        warn!(
+            messages = round.len(),
+            ms = published.as_millis() as u64,
+            "slow publish round: the broker took this long to confirm"
+        );
+    }
     let mut confirmed = Vec::new();
     let mut returned = Vec::new();
     let mut nacked = Vec::new();

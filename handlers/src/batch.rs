@@ -20,6 +20,8 @@ use crate::outcome::{Outcome, RejectCode, Rejection};
 use crate::state::{Needs, State};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
 use trio_pseudo::{AtRest, Niss};
 use trio_schemas::{Message, OrgKind, RawNiss, Relation};
 
@@ -173,6 +175,54 @@ async fn in_transit_map(
         .collect())
 }
 
+/// A batch slower than this says, in a warning, where its time went: the latency tail is made of
+/// such batches, and the steps tell a lock wait from a slow load or a slow commit (WAL flush).
+pub const SLOW_BATCH: Duration = Duration::from_millis(200);
+
+/// The time of each step of a batch, for the slow-batch warning.
+struct Steps {
+    started: Instant,
+    last: Instant,
+    marks: Vec<(&'static str, Duration)>,
+}
+
+impl Steps {
+    fn start() -> Self {
+        let now = Instant::now();
+        Self {
+            started: now,
+            last: now,
+            marks: Vec::with_capacity(8),
+        }
+    }
+
+    /// Ends step `name`.
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.marks.push((name, now - self.last));
+        self.last = now;
+    }
+
+    /// Warns when the batch took longer than [`SLOW_BATCH`].
+    fn warn_if_slow(&self, messages: usize) {
+        let total = self.last - self.started;
+        if total < SLOW_BATCH {
+            return;
+        }
+        let mut steps = String::new();
+        for (name, took) in &self.marks {
+            let sep = if steps.is_empty() { "" } else { ", " };
+            let _ = write!(steps, "{sep}{name} {:.1} ms", took.as_secs_f64() * 1e3);
+        }
+        tracing::warn!(
+            messages,
+            total_ms = total.as_millis() as u64,
+            %steps,
+            "slow batch"
+        );
+    }
+}
+
 /// How many times a batch locks newly found NISS successors and loads again before it gives up
 /// for now (a successor replaced meanwhile by another batch needs one more round).
 const MAX_REDIRECT_ROUNDS: usize = 4;
@@ -271,10 +321,13 @@ fn needs(batch: &[Inbound], prepared: &Prepared) -> (Needs, Vec<i64>) {
 /// [`BatchError::Transient`] when the database is unavailable (retry the batch as is),
 /// [`BatchError::Failed`] for anything else (retry message by message).
 pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResult, BatchError> {
+    let mut steps = Steps::start();
     let (prepared, mut in_transit) = prepare(ctx, batch).await?;
     let (mut needs, locks) = needs(batch, &prepared);
+    steps.mark("prepare");
 
     let mut tx = ctx.pool.begin().await?;
+    steps.mark("begin");
     // The locks, in sorted order, and the transaction's time in one round trip (a round trip
     // costs about a millisecond on a busy machine: they are what a batch's time is made of).
     let now: time::OffsetDateTime = sqlx::query_scalar(
@@ -284,7 +337,9 @@ pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResu
     .bind(&locks)
     .fetch_one(&mut *tx)
     .await?;
+    steps.mark("locks");
     let mut state = State::load(&mut tx, &needs, now).await?;
+    steps.mark("load");
 
     // A NISS replaced earlier resolves to its successor, which the locks above did not cover:
     // the load read the successor's rows (facts, relations, dossier) without its lock, and
@@ -320,6 +375,7 @@ pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResu
         in_transit.extend(in_transit_map(ctx, at_rest).await?);
         needs.pseudonyms.extend(redirected);
         state = State::load(&mut tx, &needs, now).await?;
+        steps.mark("successors");
     }
 
     let mut outcomes = Vec::with_capacity(batch.len());
@@ -327,8 +383,12 @@ pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResu
         let outcome = apply_one(ctx, &mut state, inbound, pseudonyms, &in_transit)?;
         outcomes.push(outcome);
     }
+    steps.mark("apply");
     let outbox = state.flush(&mut tx).await?;
+    steps.mark("flush");
     tx.commit().await?;
+    steps.mark("commit");
+    steps.warn_if_slow(batch.len());
     Ok(BatchResult { outcomes, outbox })
 }
 

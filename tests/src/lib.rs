@@ -365,6 +365,20 @@ pub async fn request(
     request_with_id(partner, queue, message_type, &id, body).await
 }
 
+/// Publishes one JSON message that asks for a reply, and returns its `message_id` without waiting
+/// for the reply (see [`Partner::reply_to`]).
+///
+/// # Panics
+/// When the broker refuses the publish.
+pub async fn send(partner: &Partner, queue: &str, message_type: &str, body: &Value) -> String {
+    let id = uuid::Uuid::new_v4().to_string();
+    partner
+        .publish(&Outgoing::json(queue, message_type, &id, body))
+        .await
+        .expect("publishing");
+    id
+}
+
 /// Publishes one JSON message with this `message_id` and returns its reply.
 ///
 /// # Panics

@@ -96,3 +96,24 @@ pub async fn count(env: &TestEnv, table: &str) -> i64 {
         .await
         .expect("count")
 }
+
+/// Takes the advisory lock the gateway takes for the insured of this dossier, in a transaction of
+/// its own, as another batch on that insured would; it holds until the transaction ends. Returns
+/// the transaction and the insured's at-rest pseudonym.
+pub async fn hold_insured_lock(
+    env: &TestEnv,
+    dossier_number: &str,
+) -> (sqlx::Transaction<'static, sqlx::Postgres>, String) {
+    let pseudonym: String = sqlx::query_scalar("SELECT pseudonym FROM dossier WHERE number = $1")
+        .bind(dossier_number)
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    let mut tx = env.db.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(trio_handlers::batch::lock_key("insured", &pseudonym))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    (tx, pseudonym)
+}

@@ -1,9 +1,8 @@
 //! NISS replacement (CONTRACT.md §3 `niss_replaced`) and organisation registration.
 
-use crate::{World, assert_reply, count, trajet};
+use crate::{World, assert_reply, count, hold_insured_lock, trajet};
 use serde_json::json;
-use trio_gateway::partner::Outgoing;
-use trio_tests::{WAIT, request, synthetic_niss};
+use trio_tests::{WAIT, request, send, synthetic_niss};
 
 #[tokio::test]
 async fn niss_replacement_moves_the_dossier_to_the_new_niss() {
@@ -149,27 +148,19 @@ async fn a_message_on_a_replaced_niss_reads_its_successor_under_the_successors_l
             json!({"kind": "niss_replaced", "old_niss": old, "new_niss": new}),
         )
         .await;
-    let successor: String = sqlx::query_scalar("SELECT pseudonym FROM dossier WHERE number = $1")
-        .bind(first.body["result"]["dossier_number"].as_str().unwrap())
-        .fetch_one(&w.env.db)
-        .await
-        .unwrap();
-
-    let mut other_batch = w.env.db.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(trio_handlers::batch::lock_key("insured", &successor))
-        .execute(&mut *other_batch)
-        .await
-        .unwrap();
-    let message_id = uuid::Uuid::new_v4().to_string();
-    w.oa.publish(&Outgoing::json(
+    // the dossier moved to the successor: its insured is the successor now
+    let (mut other_batch, successor) = hold_insured_lock(
+        &w.env,
+        first.body["result"]["dossier_number"].as_str().unwrap(),
+    )
+    .await;
+    let message_id = send(
+        &w.oa,
         "oa",
         "trajet.upsert",
-        &message_id,
         &trajet(&old, "t", "rtw_ami", "termine", 2),
-    ))
-    .await
-    .unwrap();
+    )
+    .await;
     // the gateway's batch has loaded and now waits for the successor's lock
     let mut waiting = false;
     for _ in 0..200 {

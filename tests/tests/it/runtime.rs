@@ -1,10 +1,10 @@
 //! The runtime: idempotent quorum topology, batches, poison messages, graceful shutdown.
 
-use crate::{World, assert_reply, count, trajet};
+use crate::{World, assert_reply, count, hold_insured_lock, trajet};
 use serde_json::json;
 use std::time::Duration;
 use trio_gateway::partner::{Outgoing, header};
-use trio_tests::{Options, TestEnv, WAIT, request};
+use trio_tests::{Options, TestEnv, WAIT, request, send};
 
 #[tokio::test]
 async fn the_topology_is_quorum_and_declaring_it_again_is_harmless() {
@@ -405,4 +405,57 @@ async fn the_sweeper_publishes_rows_a_crashed_process_left_and_keeps_unroutable_
         "only the unroutable row is left, tried once and claimed for a minute"
     );
     env.finish().await;
+}
+
+#[tokio::test]
+async fn a_slow_batch_says_in_a_warning_where_its_time_went() {
+    // A batch that waits for its insured's lock (another transaction holds it) takes longer than
+    // SLOW_BATCH: its warning names each step with its time, the lock wait under `locks`, and
+    // carries no NISS.
+    let mut w = World::new(72).await;
+    let first = request(
+        &mut w.oa,
+        "oa",
+        "trajet.upsert",
+        &trajet(&w.niss, "slow", "rtw_ami", "en_cours", 1),
+    )
+    .await;
+    assert_reply(&first, "accepted", None);
+    let held = Duration::from_millis(600);
+    let (holder, _) = hold_insured_lock(
+        &w.env,
+        first.body["result"]["dossier_number"].as_str().unwrap(),
+    )
+    .await;
+    let message_id = send(
+        &w.oa,
+        "oa",
+        "trajet.upsert",
+        &trajet(&w.niss, "slow", "rtw_ami", "termine", 2),
+    )
+    .await;
+    tokio::time::sleep(held).await;
+    holder.commit().await.unwrap();
+    let r = w.oa.reply_to(&message_id, WAIT).await.unwrap();
+    assert_reply(&r, "accepted", None);
+
+    // Other tests of this binary log too: find the batch that waited at least most of `held`.
+    let logs = trio_tests::captured_logs();
+    let waited = |line: &&str| {
+        line.split("locks ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|ms| ms.parse::<f64>().ok())
+            .is_some_and(|ms| ms >= 400.0)
+    };
+    let line = logs
+        .lines()
+        .filter(|l| l.contains("slow batch"))
+        .find(waited)
+        .unwrap_or_else(|| panic!("no slow-batch warning with a lock wait; logs:\n{logs}"));
+    for step in ["prepare", "begin", "load", "apply", "flush", "commit"] {
+        assert!(line.contains(step), "{step} missing from: {line}");
+    }
+    assert!(!line.contains(&w.niss), "a NISS in the warning");
+    w.env.finish().await;
 }
