@@ -109,28 +109,18 @@ pub async fn run(quick: bool, messages: Option<u64>) -> anyhow::Result<()> {
 /// that differ only in their numbers, such as slow-batch timings, are one group), each group
 /// with its first line in full.
 fn report_log_warnings(world: &World) {
-    let Ok(entries) = std::fs::read_dir(&world.dir) else {
-        return;
-    };
     let mut kinds: std::collections::BTreeMap<String, (usize, String)> =
         std::collections::BTreeMap::new();
-    for entry in entries.flatten() {
-        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        for line in text.lines() {
-            let plain = strip_ansi(line);
-            let Some(at) = plain.find(" WARN ").or_else(|| plain.find(" ERROR ")) else {
-                continue;
-            };
-            let key: String = plain[at..]
-                .chars()
-                .take(90)
-                .map(|c| if c.is_ascii_digit() { '#' } else { c })
-                .collect();
-            let example = || plain[at..].chars().take(300).collect::<String>();
-            kinds.entry(key).or_insert_with(|| (0, example())).0 += 1;
-        }
+    let lines = warnings_since(world, &std::collections::BTreeMap::new());
+    let total = lines.len();
+    for line in lines {
+        let key: String = line
+            .chars()
+            .take(90)
+            .map(|c| if c.is_ascii_digit() { '#' } else { c })
+            .collect();
+        kinds.entry(key).or_insert_with(|| (0, line)).0 += 1;
     }
-    let total: usize = kinds.values().map(|(count, _)| count).sum();
     println!("gateway logs: {total} warning/error line(s)");
     for (count, example) in kinds.into_values() {
         println!("  {count} × {example}");
@@ -145,8 +135,8 @@ fn log_marks(world: &World) -> std::collections::BTreeMap<std::path::PathBuf, us
     entries
         .flatten()
         .map(|e| {
-            let len = std::fs::read(e.path()).map(|b| b.len()).unwrap_or(0);
-            (e.path(), len)
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            (e.path(), usize::try_from(len).unwrap_or(usize::MAX))
         })
         .collect()
 }
