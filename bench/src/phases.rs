@@ -187,6 +187,43 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
+/// What a gateway phase costs per message: CPU of each process group and the database's WAL,
+/// read before the phase and compared after it.
+struct Meter {
+    cpu: cpu::Snapshot,
+    wal: wal::Snapshot,
+}
+
+/// [`Meter`]'s figures for one phase.
+struct Cost {
+    cpu: cpu::PerMessage,
+    wal: wal::PerMessage,
+}
+
+impl Meter {
+    async fn start(world: &World, gateways: &[Gateway]) -> Self {
+        let wal = wal::snapshot(&world.db).await;
+        Self {
+            cpu: cpu::snapshot(&pids(gateways)),
+            wal,
+        }
+    }
+
+    async fn per_message(&self, world: &World, gateways: &[Gateway], messages: u64) -> Cost {
+        let cpu = cpu::PerMessage::between(&self.cpu, &cpu::snapshot(&pids(gateways)), messages);
+        let wal = wal::PerMessage::between(&self.wal, &wal::snapshot(&world.db).await, messages);
+        Cost { cpu, wal }
+    }
+}
+
+impl Cost {
+    /// Prints both lines under the phase's label.
+    fn print(&self, phase: &str) {
+        println!("[{phase}] {}", self.cpu);
+        println!("[{phase}] {}", self.wal);
+    }
+}
+
 /// The gateway processes' pids.
 fn pids(gateways: &[Gateway]) -> Vec<u32> {
     gateways.iter().map(Gateway::pid).collect()
@@ -509,21 +546,11 @@ async fn phases(
     );
 
     // 3. Gateway 1:1.
-    let wal_before = wal::snapshot(&world.db).await;
-    let cpu_before = cpu::snapshot(&pids(gateways));
+    let meter = Meter::start(world, gateways).await;
     let (one, got) = traffic
         .saturated(3, sizes.one_to_one, "gateway 1:1")
         .await?;
-    let cpu_one = cpu::PerMessage::between(
-        &cpu_before,
-        &cpu::snapshot(&pids(gateways)),
-        sizes.one_to_one,
-    );
-    let wal_one = wal::PerMessage::between(
-        &wal_before,
-        &wal::snapshot(&world.db).await,
-        sizes.one_to_one,
-    );
+    let cost_one = meter.per_message(world, gateways, sizes.one_to_one).await;
     let gateway_rate = one.per_second();
     println!(
         "[3 gateway 1:1] {} trajet.upsert → {} trajet.updated over {} insured: {:.0} msgs/s \
@@ -538,20 +565,15 @@ async fn phases(
         got.quantile_ms(0.99),
         stale_note(&got)
     );
-    println!("[3 gateway 1:1] {cpu_one}");
-    println!("[3 gateway 1:1] {wal_one}");
+    cost_one.print("3 gateway 1:1");
 
     // 4. Half load.
     let half_rate = gateway_rate / 2.0;
     let half_count = ((half_rate * sizes.half_load_seconds) as u64).max(200);
     let logged_before = log_marks(world);
-    let wal_before = wal::snapshot(&world.db).await;
-    let cpu_before = cpu::snapshot(&pids(gateways));
+    let meter = Meter::start(world, gateways).await;
     let (_, got) = traffic.run(4, half_count, Some(half_rate)).await?;
-    let cpu_half =
-        cpu::PerMessage::between(&cpu_before, &cpu::snapshot(&pids(gateways)), half_count);
-    let wal_half =
-        wal::PerMessage::between(&wal_before, &wal::snapshot(&world.db).await, half_count);
+    let cost_half = meter.per_message(world, gateways, half_count).await;
     span(world, 4, Instant::now(), &got, half_count, "half load").await?;
     let p99_half = got.quantile_ms(0.99);
     println!(
@@ -560,8 +582,7 @@ async fn phases(
         got.quantile_ms(0.5),
         stale_note(&got)
     );
-    println!("[4 half load] {cpu_half}");
-    println!("[4 half load] {wal_half}");
+    cost_half.print("4 half load");
     let warnings = warnings_since(world, &logged_before);
     println!(
         "[4 half load] gateway warnings meanwhile: {}",
@@ -614,19 +635,9 @@ async fn phases(
         sizes.cold,
         seeding.elapsed().as_secs_f64()
     );
-    let wal_before = wal::snapshot(&world.db).await;
-    let cpu_before = cpu::snapshot(&pids(gateways));
+    let meter = Meter::start(world, gateways).await;
     let (scaled, got) = traffic.saturated(5, sizes.one_to_one, "scale").await?;
-    let cpu_scaled = cpu::PerMessage::between(
-        &cpu_before,
-        &cpu::snapshot(&pids(gateways)),
-        sizes.one_to_one,
-    );
-    let wal_scaled = wal::PerMessage::between(
-        &wal_before,
-        &wal::snapshot(&world.db).await,
-        sizes.one_to_one,
-    );
+    let cost_scaled = meter.per_message(world, gateways, sizes.one_to_one).await;
     println!(
         "[5 scale] {} trajet.upsert with {known} insured known: {:.0} msgs/s ({:.0} µs/msg, \
          {:+.1} % vs {} insured); latency p50 {:.1} ms p99 {:.1} ms{}",
@@ -639,8 +650,7 @@ async fn phases(
         got.quantile_ms(0.99),
         stale_note(&got)
     );
-    println!("[5 scale] {cpu_scaled}");
-    println!("[5 scale] {wal_scaled}");
+    cost_scaled.print("5 scale");
 
     // 6. Backlog.
     for g in gateways.drain(..) {

@@ -1,6 +1,12 @@
-//! What a phase wrote to PostgreSQL's WAL, per message, and how many checkpoints it saw: read
-//! from `pg_stat_wal` and `pg_stat_bgwriter` (cluster-wide, so the bench's database is assumed to
-//! be the only busy one) before and after the phase.
+//! What a phase wrote to PostgreSQL's WAL, per message, and how many checkpoints it saw, read
+//! before and after the phase (cluster-wide, so the bench's database is assumed to be the only
+//! busy one).
+//!
+//! The bytes are exact: the WAL insert position (`pg_current_wal_lsn`) moved by that much. The
+//! records, full-page images and checkpoints come from `pg_stat_wal` and `pg_stat_bgwriter`,
+//! which each backend updates from its own counters at most once a second, and up to ten seconds
+//! after it went idle: over a phase of a few seconds they are rough, over the full run's phases
+//! (20 s and more) close.
 //!
 //! WAL volume is what a message's durable writes cost the database, beyond CPU: it decides how
 //! often checkpoints come (every `max_wal_size` of WAL), and a checkpoint's writes share the disk
@@ -22,7 +28,8 @@ pub struct Snapshot {
 /// the phase goes on).
 pub async fn snapshot(db: &PgPool) -> Snapshot {
     sqlx::query_as::<_, (i64, i64, i64, i64)>(
-        "SELECT w.wal_records, w.wal_fpi, w.wal_bytes::bigint, \
+        "SELECT w.wal_records, w.wal_fpi, \
+                pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, \
                 b.checkpoints_timed + b.checkpoints_req \
          FROM pg_stat_wal w, pg_stat_bgwriter b",
     )
@@ -67,7 +74,7 @@ impl fmt::Display for PerMessage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "WAL per message {:.0} bytes in {:.1} records ({:.2} full-page images); \
+            "WAL per message {:.0} bytes in about {:.1} records ({:.2} full-page images); \
              checkpoints begun: {}",
             self.bytes, self.records, self.full_page_images, self.checkpoints
         )
@@ -95,7 +102,7 @@ mod tests {
         let line = PerMessage::between(&before, &after, 100).to_string();
         assert_eq!(
             line,
-            "WAL per message 2600 bytes in 10.0 records (0.50 full-page images); \
+            "WAL per message 2600 bytes in about 10.0 records (0.50 full-page images); \
              checkpoints begun: 2"
         );
     }

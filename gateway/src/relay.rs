@@ -61,10 +61,20 @@ pub async fn run(deps: RelayDeps, queue: Arc<Mutex<mpsc::Receiver<Vec<OutboxEntr
 /// Publishes a round until the broker has answered for every message, then records the answers.
 async fn deliver(deps: &RelayDeps, channel: &mut Option<Channel>, round: Vec<OutboxEntry>) {
     let mut delays = backoff();
-    let started = std::time::Instant::now();
     let results = loop {
+        let started = std::time::Instant::now();
         match publish_round(deps, channel, &round).await {
-            Ok(results) => break results,
+            Ok(results) => {
+                let took = started.elapsed();
+                if took >= trio_handlers::batch::SLOW_BATCH {
+                    warn!(
+                        messages = round.len(),
+                        ms = took.as_millis() as u64,
+                        "slow publish round: the broker took this long to confirm"
+                    );
+                }
+                break results;
+            }
             Err(e) => {
                 *channel = None;
                 if deps.hard_stop.is_cancelled() {
@@ -83,14 +93,6 @@ async fn deliver(deps: &RelayDeps, channel: &mut Option<Channel>, round: Vec<Out
             }
         }
     };
-    let published = started.elapsed();
-    if published >= trio_handlers::batch::SLOW_BATCH {
-        warn!(
-            messages = round.len(),
-            ms = published.as_millis() as u64,
-            "slow publish round: the broker took this long to confirm"
-        );
-    }
     let mut confirmed = Vec::new();
     let mut returned = Vec::new();
     let mut nacked = Vec::new();

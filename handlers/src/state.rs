@@ -292,8 +292,8 @@ pub(crate) struct State {
     dossiers: HashMap<i64, Dossier>,
     dossier_by_pseudonym: HashMap<String, i64>,
     trajets: HashMap<TrajetKey, TrajetRow>,
-    /// The trajets the load found in the database (updated in place; the others are inserted).
-    stored_trajets: HashSet<TrajetKey>,
+    /// Trajets this batch creates (inserted; every other dirty trajet was loaded, and is updated).
+    new_trajets: HashSet<TrajetKey>,
     inbox: HashMap<(String, String), Outcome>,
     spare_dossier_ids: Vec<i64>,
 
@@ -328,7 +328,7 @@ impl State {
             dossiers: HashMap::new(),
             dossier_by_pseudonym: HashMap::new(),
             trajets: HashMap::new(),
-            stored_trajets: HashSet::new(),
+            new_trajets: HashSet::new(),
             inbox: HashMap::new(),
             spare_dossier_ids: Vec::new(),
             dirty_orgs: BTreeSet::new(),
@@ -543,7 +543,6 @@ impl State {
                 end_on: end_on[i],
                 consent: consent[i].as_deref().and_then(Consent::parse),
             };
-            self.stored_trajets.insert(key.clone());
             self.trajets.insert(key, trajet);
         }
         Ok(())
@@ -813,8 +812,10 @@ impl State {
 
     /// Creates or updates a trajet.
     pub(crate) fn put_trajet(&mut self, key: TrajetKey, row: TrajetRow) {
-        self.dirty_trajets.insert(key.clone());
-        self.trajets.insert(key, row);
+        if self.trajets.insert(key.clone(), row).is_none() {
+            self.new_trajets.insert(key.clone());
+        }
+        self.dirty_trajets.insert(key);
     }
 
     /// Adds a history line.
@@ -1246,7 +1247,7 @@ impl State {
             .bind(o.iter().map(|m| m.body.as_slice()).collect::<Vec<_>>())
             .bind(
                 t.iter()
-                    .map(|(k, _)| self.stored_trajets.contains(k))
+                    .map(|(k, _)| !self.new_trajets.contains(k))
                     .collect::<Vec<_>>(),
             )
             .fetch_all(&mut *conn)
