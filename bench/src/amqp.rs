@@ -6,6 +6,7 @@
 //! message to every message it causes: the trace id carries the publish instant (nanoseconds on
 //! this process's monotonic clock) and the span id the phase number.
 
+use crate::reference::Store;
 use anyhow::{Context as _, anyhow, bail};
 use futures::{FutureExt as _, StreamExt as _};
 use lapin::options::{
@@ -375,8 +376,10 @@ impl Sink {
 
 /// The relay ceiling: `workers` plain lapin relays, each consuming `from` (prefetch 2 × batch)
 /// and, per batch of up to `batch` deliveries, publishing every message to `to` with confirms
-/// (pipelined: all started before any is awaited), awaiting the confirms, then acking the batch with one `multiple` ack — the
-/// gateway's durability without its work. Runs until the returned tasks are aborted.
+/// (pipelined: all started before any is awaited), awaiting the confirms, then acking the batch
+/// with one `multiple` ack — the gateway's durability without its work. With a `store`, each
+/// batch is first committed to it and its outbox rows marked sent after the confirms: issue 10's
+/// reference pipeline ([`crate::reference`]). Runs until the returned tasks are aborted.
 ///
 /// # Errors
 /// Broker failures while setting up.
@@ -386,6 +389,7 @@ pub async fn spawn_relay(
     to: &str,
     workers: usize,
     batch: usize,
+    store: Option<&Store>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<()>>>> {
     let mut tasks = Vec::new();
     for w in 0..workers {
@@ -411,6 +415,7 @@ pub async fn spawn_relay(
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         let to = to.to_owned();
+        let store = store.cloned();
         tasks.push(tokio::spawn(async move {
             let _connections = (consume, publish);
             let options = BasicPublishOptions {
@@ -429,6 +434,10 @@ pub async fn spawn_relay(
                         _ => break,
                     }
                 }
+                let outbox = match &store {
+                    Some(store) => store.commit(&deliveries, &to).await?,
+                    None => Vec::new(),
+                };
                 // Every publish started before any is awaited, as the gateway does
                 // (`trio_gateway::broker::publish_confirmed`): lapin then writes them in one go.
                 let confirms = futures::future::try_join_all(deliveries.iter().map(|d| {
@@ -437,6 +446,9 @@ pub async fn spawn_relay(
                 .await?;
                 for c in confirms {
                     check(c.await?)?;
+                }
+                if let Some(store) = &store {
+                    store.mark_sent(&outbox).await?;
                 }
                 if let Some(last) = deliveries.last() {
                     input

@@ -11,6 +11,7 @@ mod amqp;
 mod cpu;
 mod gateway;
 mod phases;
+mod reference;
 mod setup;
 mod wal;
 

@@ -1,6 +1,8 @@
 //! The phases of issue 10, in order, each printing its figures:
 //!
-//! 1. relay ceiling (plain lapin, quorum → quorum, confirms, ack after confirm);
+//! 1. relay ceiling (plain lapin, quorum → quorum, confirms, ack after confirm), then issue 10's
+//!    reference pipeline: the same relays committing each batch to PostgreSQL
+//!    ([`crate::reference`]), with 2 and with 4 batches in flight;
 //! 2. first contact (new insured: two `relation.set` each, then a first `trajet.upsert`);
 //! 3. gateway 1:1 (`trajet.upsert` → exactly one `trajet.updated`), throughput and latency;
 //! 4. latency at half the throughput of 3, paced;
@@ -14,6 +16,7 @@
 use crate::amqp::{self, Message, Publisher, Received, Sink};
 use crate::cpu;
 use crate::gateway::{self, Gateway};
+use crate::reference;
 use crate::setup::{GP_ID, OA_ID, World};
 use crate::wal;
 use anyhow::{Context as _, bail};
@@ -476,6 +479,34 @@ async fn phases(
     );
     println!("[1 relay ceiling] {cpu_relay} (bench: the relays, publisher and sink)");
 
+    // 1b. Issue 10's reference pipeline: the same relays, each batch committed to PostgreSQL.
+    let store = reference::Store::create(&world.database_url(), 4, sizes.hot as u64).await?;
+    for (phase, workers) in [(11u8, 2usize), (12, 4)] {
+        let meter = Meter::start(world, &[]).await;
+        let (first, got) = relays_run(
+            &operator_url,
+            world,
+            (phase, sizes.relay, None, sizes.idle),
+            workers,
+            Some(&store),
+        )
+        .await?;
+        let cost = meter.per_message(world, &[], sizes.relay).await;
+        let rate = span(world, phase, first, &got, sizes.relay, "reference pipeline")
+            .await?
+            .per_second();
+        println!(
+            "[1 reference pipeline] {workers} batches of 100 in flight, each one transaction \
+             (inbox insert ON CONFLICT, state upsert by version, outbox insert), confirmed \
+             publishes, outbox marked sent, one `multiple` ack: {rate:.0} msgs/s ({:.2}× relay)",
+            rate / relay
+        );
+        cost.print("1 reference pipeline");
+    }
+    // Its tables and WAL must not weigh on the gateway's phases.
+    store.drop_tables().await?;
+    sqlx::query("CHECKPOINT").execute(&world.db).await?;
+
     // 2. First contact.
     start_gateway(world, gateways, &probe).await?;
     let operator = Publisher::connect(&operator_url, &world.operator().1).await?;
@@ -593,7 +624,7 @@ async fn phases(
     }
     // The broker's share of that latency: the plain relay at the same pace.
     let wal_before = wal::snapshot(&world.db).await;
-    let (_, reference) = relay_run(
+    let (_, plain) = relay_run(
         &operator_url,
         world,
         8,
@@ -606,19 +637,19 @@ async fn phases(
         world,
         8,
         Instant::now(),
-        &reference,
+        &plain,
         half_count,
         "relay at half load",
     )
     .await?;
-    let wal_reference =
+    let wal_plain =
         wal::PerMessage::between(&wal_before, &wal::snapshot(&world.db).await, half_count);
     println!(
         "[4 half load] the plain relay at the same pace: latency p50 {:.1} ms p99 {:.1} ms \
          (checkpoints begun meanwhile: {})",
-        reference.quantile_ms(0.5),
-        reference.quantile_ms(0.99),
-        wal_reference.checkpoints()
+        plain.quantile_ms(0.5),
+        plain.quantile_ms(0.99),
+        wal_plain.checkpoints()
     );
 
     // 5. Scale.
@@ -729,7 +760,19 @@ async fn relay_run(
     rate: Option<f64>,
     idle: Duration,
 ) -> anyhow::Result<(Instant, Received)> {
-    let tasks = amqp::spawn_relay(url, RELAY_IN, RELAY_OUT, 4, 100).await?;
+    relays_run(url, world, (phase, count, rate, idle), 4, None).await
+}
+
+/// [`relay_run`] with `workers` relays (batches of 100), each committing its batches to `store`
+/// when given: issue 10's reference pipeline.
+async fn relays_run(
+    url: &str,
+    world: &World,
+    (phase, count, rate, idle): (u8, u64, Option<f64>, Duration),
+    workers: usize,
+    store: Option<&reference::Store>,
+) -> anyhow::Result<(Instant, Received)> {
+    let tasks = amqp::spawn_relay(url, RELAY_IN, RELAY_OUT, workers, 100, store).await?;
     let publisher = Publisher::connect(url, &world.operator().1).await?;
     let mut sink = Sink::open(url, RELAY_OUT).await?;
     let body = vec![b'x'; 1024];

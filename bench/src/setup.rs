@@ -128,6 +128,11 @@ impl World {
         }
     }
 
+    /// The URL of the bench database.
+    pub fn database_url(&self) -> String {
+        database_url_for(&self.db_base, &self.database)
+    }
+
     /// The AMQP URL of `user` in the bench vhost.
     pub fn amqp_url(&self, user: &str, password: &str) -> String {
         admin::amqp_url_for(&self.amqp_base, user, password, &self.vhost)
