@@ -7,9 +7,16 @@
 //! - **sweeper**: every second, rows whose claim expired (a crashed process, a nack, an
 //!   unroutable message waiting for its recipient's queue) are claimed with
 //!   `FOR UPDATE SKIP LOCKED` and published again — with the same `message_id`.
+//!
+//! Confirmed rows are deleted by one task per process, [`delete_confirmed`], which gathers the
+//! rounds of every relay for up to [`DELETE_LINGER`] and deletes them in one statement: at
+//! moderate load, publish rounds are small and a transaction per round cost PostgreSQL more
+//! than the deletes themselves. A row whose delete is late or lost is still claimed by this
+//! process for 30 s, and then published again by a sweeper, with the same `message_id`.
 
 use crate::broker::{self, Published};
 use crate::worker::backoff;
+use futures::TryFutureExt as _;
 use lapin::Channel;
 use sqlx::{PgPool, Row};
 use std::sync::Arc;
@@ -21,6 +28,13 @@ use trio_handlers::{OutboundMessage, OutboxEntry};
 
 /// How many messages one publish round carries at most.
 const MAX_ROUND: usize = 1000;
+
+/// How long [`delete_confirmed`] gathers confirmed rows before deleting them: short beside the
+/// 30 s claim, long beside a publish round at moderate load (a few milliseconds).
+pub const DELETE_LINGER: Duration = Duration::from_millis(100);
+
+/// The most rows one delete statement removes.
+const MAX_DELETE: usize = 10_000;
 
 /// Shared by every relay task of the process.
 #[derive(Clone)]
@@ -34,6 +48,8 @@ pub struct RelayDeps {
     /// Cancelled when the shutdown grace period is over: stop retrying (rows stay committed in
     /// the outbox and are published at the next start).
     pub hard_stop: CancellationToken,
+    /// The ids of confirmed rows, to [`delete_confirmed`].
+    pub confirmed: mpsc::Sender<Vec<i64>>,
 }
 
 /// Runs one relay task until every worker has stopped and the queue is drained.
@@ -111,19 +127,61 @@ async fn deliver(deps: &RelayDeps, channel: &mut Option<Channel>, round: Vec<Out
             "outbound messages unroutable (no queue bound for the recipient); kept in the outbox and retried in a minute"
         );
     }
+    if !confirmed.is_empty() && deps.confirmed.send(confirmed).await.is_err() {
+        // Only when the deleter has stopped: the sweeper publishes the rows again.
+        warn!("the outbox deleter has stopped; confirmed rows stay until swept");
+    }
+    if returned.is_empty() && nacked.is_empty() {
+        return;
+    }
+    retry_writes(&deps.hard_stop, "releasing unconfirmed outbox rows", || {
+        release(&deps.db, &returned, &nacked)
+    })
+    .await;
+}
+
+/// Runs `write` until it succeeds, 20 attempts at most with backoff, fewer if the shutdown grace
+/// period ends. Rows it fails to write stay claimed and are published again by a sweeper.
+async fn retry_writes<F: Future<Output = sqlx::Result<()>>>(
+    hard_stop: &CancellationToken,
+    what: &str,
+    mut write: impl FnMut() -> F,
+) {
     let mut delays = backoff();
     for _ in 0..20 {
-        match record(&deps.db, &confirmed, &returned, &nacked).await {
+        match write().await {
             Ok(()) => return,
             Err(e) => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                warn!(error = %e, ?delay, "recording published outbox rows failed; retrying");
-                tokio::time::sleep(delay).await;
+                warn!(error = %e, ?delay, "{what} failed; retrying");
+                tokio::select! {
+                    _ = hard_stop.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
             }
         }
     }
     // The rows stay in the outbox; the sweeper re-publishes them with the same message ids.
-    warn!("gave up recording published outbox rows; they will be published again");
+    warn!("gave up {what}; those messages will be published again");
+}
+
+/// Deletes the confirmed rows the relays send, gathering them for up to [`DELETE_LINGER`] (or
+/// [`MAX_DELETE`] rows) per statement, until every relay and sweeper has stopped.
+pub async fn delete_confirmed(
+    db: PgPool,
+    mut confirmed: mpsc::Receiver<Vec<i64>>,
+    hard_stop: CancellationToken,
+) {
+    while let Some(ids) = gather(&mut confirmed).await {
+        retry_writes(&hard_stop, "deleting confirmed outbox rows", || {
+            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+                .bind(&ids)
+                .execute(&db)
+                .map_ok(|_| ())
+        })
+        .await;
+    }
+    debug!("outbox deleter stopped");
 }
 
 async fn publish_round(
@@ -153,18 +211,22 @@ async fn publish_round(
     broker::publish_confirmed(&ch, &messages, deps.broker_timeout).await
 }
 
-async fn record(
-    db: &PgPool,
-    confirmed: &[i64],
-    returned: &[i64],
-    nacked: &[i64],
-) -> sqlx::Result<()> {
-    if !confirmed.is_empty() {
-        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-            .bind(confirmed)
-            .execute(db)
-            .await?;
+/// The next ids to delete: the first round that arrives and every round that follows it within
+/// [`DELETE_LINGER`], up to [`MAX_DELETE`] ids. `None` once every sender has gone.
+async fn gather(confirmed: &mut mpsc::Receiver<Vec<i64>>) -> Option<Vec<i64>> {
+    let mut ids = confirmed.recv().await?;
+    let deadline = tokio::time::Instant::now() + DELETE_LINGER;
+    while ids.len() < MAX_DELETE {
+        match tokio::time::timeout_at(deadline, confirmed.recv()).await {
+            Ok(Some(more)) => ids.extend(more),
+            Ok(None) | Err(_) => break,
+        }
     }
+    Some(ids)
+}
+
+/// Unroutable rows wait a minute before the sweeper tries them again; nacked ones are due now.
+async fn release(db: &PgPool, returned: &[i64], nacked: &[i64]) -> sqlx::Result<()> {
     if !returned.is_empty() {
         sqlx::query(
             "UPDATE outbox SET claimed_until = now() + interval '60 seconds' \
@@ -240,4 +302,38 @@ async fn claim_expired(db: &PgPool) -> sqlx::Result<Vec<OutboxEntry>> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn confirmed_rounds_are_deleted_together_and_the_deleter_ends_with_its_senders() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for round in [vec![1, 2], vec![3], vec![4, 5, 6]] {
+            tx.send(round).await.unwrap();
+        }
+        // Rounds waiting together, and one arriving within the linger, make one delete.
+        let late = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(DELETE_LINGER / 4).await;
+            late.send(vec![7]).await.unwrap();
+        });
+        assert_eq!(gather(&mut rx).await, Some(vec![1, 2, 3, 4, 5, 6, 7]));
+        // A round after the linger is the next delete's.
+        tx.send(vec![8]).await.unwrap();
+        assert_eq!(gather(&mut rx).await, Some(vec![8]));
+        // A full statement stops gathering; what is left is the next one's.
+        tx.send((0..MAX_DELETE as i64).collect()).await.unwrap();
+        tx.send(vec![9]).await.unwrap();
+        assert_eq!(gather(&mut rx).await.map(|ids| ids.len()), Some(MAX_DELETE));
+        assert_eq!(gather(&mut rx).await, Some(vec![9]));
+        drop(tx);
+        assert_eq!(
+            gather(&mut rx).await,
+            None,
+            "no sender left: the deleter stops"
+        );
+    }
 }

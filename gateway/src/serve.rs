@@ -49,7 +49,8 @@ const SESSION: [(&str, &str); 1] = [("jit", "off")];
 /// # Errors
 /// As [`connect_db`].
 pub async fn connect_relay_db(config: &Config) -> anyhow::Result<PgPool> {
-    let size = u32::try_from(config.relays + 1).unwrap_or(u32::MAX);
+    // One connection per relay, the sweeper's and the deleter's.
+    let size = u32::try_from(config.relays + 2).unwrap_or(u32::MAX);
     // Its few small statements are planned with their actual parameters (cheap to plan): the
     // outbox is mostly dead rows between vacuums, and a plan cached for "LIMIT $1" or
     // "= ANY($1)" could scan all of it.
@@ -181,11 +182,18 @@ pub async fn serve(
     let (relay_tx, relay_rx) = mpsc::channel(config.workers * 2);
     let relay_rx = Arc::new(Mutex::new(relay_rx));
     let relay_db = connect_relay_db(&config).await?;
+    let (confirmed_tx, confirmed_rx) = mpsc::channel(config.relays * 64);
+    let deleter = tokio::spawn(relay::delete_confirmed(
+        relay_db.clone(),
+        confirmed_rx,
+        hard_stop.clone(),
+    ));
     let relay_deps = RelayDeps {
         db: relay_db.clone(),
         publish_pool: publish_pool.clone(),
         broker_timeout: config.broker_timeout,
         hard_stop: hard_stop.clone(),
+        confirmed: confirmed_tx,
     };
     let relays: Vec<_> = (0..config.relays)
         .map(|_| tokio::spawn(relay::run(relay_deps.clone(), relay_rx.clone())))
@@ -228,6 +236,8 @@ pub async fn serve(
         let _ = r.await;
     }
     let _ = sweeper.await;
+    // Every relay and the sweeper have dropped their senders: the deleter drains and stops.
+    let _ = deleter.await;
     grace.abort();
     db.close().await;
     relay_db.close().await;
