@@ -75,8 +75,8 @@ pub struct Config {
     pub relays: usize,
     /// `TRIO_BROKER_TIMEOUT_MS`: the longest any broker call may take (default 10 s).
     pub broker_timeout: Duration,
-    /// `TRIO_DB_POOL_SIZE`: PostgreSQL connections of the workers (default workers + 2); the relays
-    /// and the sweeper have `relays + 1` of their own.
+    /// `TRIO_DB_POOL_SIZE`: PostgreSQL connections of the workers (default workers + 2); the relays,
+    /// the sweeper and the outbox deleter have `relays + 2` of their own.
     pub db_pool_size: u32,
     /// `TRIO_MAX_MESSAGE_BYTES`: larger bodies are dead-lettered `too_large` (default 1 MiB).
     pub max_message_bytes: usize,
