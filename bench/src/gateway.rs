@@ -1,7 +1,7 @@
 //! The gateway under test, as a child process: `trio-bench` re-executes itself with the hidden
 //! `__gateway` argument, which runs `trio_gateway::cli::run(["trio-gateway", "serve"])` — the
-//! shipped `serve` with default settings — so its memory is its own and can be read from
-//! `/proc/<pid>/status`.
+//! shipped `serve` with default settings unless a [`TUNING`] variable is set for the bench — so
+//! its memory is its own and can be read from `/proc/<pid>/status`.
 
 use anyhow::Context as _;
 use std::path::{Path, PathBuf};
@@ -15,8 +15,29 @@ pub const GATEWAY_ARG: &str = "__gateway";
 /// A running gateway process.
 pub type Gateway = ChildProcess;
 
-/// Spawns a gateway with these `TRIO_*` variables (and no other: default settings, whatever the
-/// caller's environment holds); its logs go to `log`.
+/// The gateway settings an experiment may change by setting them for the bench (e.g.
+/// `TRIO_WORKERS=4 trio-bench --quick`); the bench prints those set. Every other `TRIO_*` variable
+/// of the bench's environment is withheld from the gateways.
+pub const TUNING: [&str; 6] = [
+    "TRIO_WORKERS",
+    "TRIO_RELAYS",
+    "TRIO_BATCH_SIZE",
+    "TRIO_BATCH_LINGER_MS",
+    "TRIO_PREFETCH",
+    "TRIO_DB_POOL_SIZE",
+];
+
+/// The [`TUNING`] variables set in this environment, as `NAME=value`.
+pub fn tuning() -> Vec<String> {
+    TUNING
+        .iter()
+        .filter_map(|name| std::env::var(name).ok().map(|v| format!("{name}={v}")))
+        .collect()
+}
+
+/// Spawns a gateway with these `TRIO_*` variables and the [`TUNING`] ones set for the bench (no
+/// other: default settings otherwise, whatever the caller's environment holds); its logs go to
+/// `log`.
 ///
 /// # Errors
 /// When the executable cannot be found or started.
@@ -30,7 +51,7 @@ pub fn spawn(env: &[(String, String)], log: &Path) -> anyhow::Result<Gateway> {
     let mut command = Command::new(exe);
     command.arg(GATEWAY_ARG);
     for (k, _) in std::env::vars() {
-        if k.starts_with("TRIO_") {
+        if k.starts_with("TRIO_") && !TUNING.contains(&k.as_str()) {
             command.env_remove(k);
         }
     }

@@ -85,6 +85,15 @@ pub async fn run(quick: bool, messages: Option<u64>) -> anyhow::Result<()> {
         world.vhost,
         world.database
     );
+    let tuning = gateway::tuning();
+    println!(
+        "gateway settings: {}",
+        if tuning.is_empty() {
+            "defaults".to_owned()
+        } else {
+            tuning.join(" ")
+        }
+    );
     let mut gateways = Vec::new();
     // Interrupted (Ctrl-C, SIGTERM): still stop the gateways and remove the world.
     let result = tokio::select! {
@@ -339,8 +348,9 @@ async fn start_gateway(
     let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     let log = world.dir.join(format!("gateway-{n}.log"));
     gateways.push(gateway::spawn(&world.gateway_env(), &log)?);
-    // Every worker of every process consumes the OA queue (default settings).
-    let workers = trio_gateway::config::Config::default().workers;
+    // Every worker of every process consumes the OA queue. The gateways inherit this process's
+    // environment, so a `TRIO_WORKERS` set for the bench is theirs too.
+    let workers = trio_gateway::config::Config::from_env()?.workers;
     let expected = u32::try_from(workers * gateways.len())?;
     let started = Instant::now();
     while amqp::consumers_of(probe, "trio.inbound.oa").await < expected {

@@ -1,6 +1,6 @@
 //! CI smoke check of the benchmark: `trio-bench --quick` runs every phase with small counts
-//! against the real broker and database, exits 0, and ends with the summary line whose five
-//! figures are all positive. With a service down it fails, saying which.
+//! against the real broker and database, exits 0, prints the reference pipeline's ratios, and
+//! ends with the summary line whose five figures are all positive. With a service down it fails, saying which.
 
 use std::process::Command;
 
@@ -19,6 +19,19 @@ fn quick_benchmark_runs_every_phase_and_prints_the_summary() {
         output.status,
         tail(&stderr, 40)
     );
+    // The reference pipeline ran with 2 and with 4 batches in flight, each with its ratio.
+    for in_flight in ["2", "4"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("[1 reference pipeline] {in_flight} batches")))
+            .unwrap_or_else(|| panic!("no reference pipeline line for {in_flight}:\n{stdout}"));
+        let ratio: f64 = line
+            .rsplit_once('(')
+            .and_then(|(_, r)| r.split_once('×'))
+            .and_then(|(r, _)| r.parse().ok())
+            .unwrap_or_else(|| panic!("no ratio in {line:?}"));
+        assert!(ratio > 0.0, "{line}");
+    }
     let last = stdout.lines().last().unwrap_or_default();
     let fields: Vec<(&str, f64)> = last
         .split_whitespace()
