@@ -308,7 +308,9 @@ async fn claim_expired(db: &PgPool) -> sqlx::Result<Vec<OutboxEntry>> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    // Paused time: the runtime advances the clock only when every task waits, so "within the
+    // linger" and "after it" do not depend on how busy the machine is.
+    #[tokio::test(start_paused = true)]
     async fn confirmed_rounds_are_deleted_together_and_the_deleter_ends_with_its_senders() {
         let (tx, mut rx) = mpsc::channel(16);
         for round in [vec![1, 2], vec![3], vec![4, 5, 6]] {
