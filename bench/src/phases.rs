@@ -51,7 +51,9 @@ const FULL: Sizes = Sizes {
 // More hot insured than the messages two processes hold unacked (2 × 2 workers × prefetch 200):
 // the upserts of one trajet are then never in flight together, so none is answered `stale`.
 const QUICK: Sizes = Sizes {
-    relay: 5_000,
+    // Enough for the relay phases to outlast their start-up (with 5 000 the relay ceiling once
+    // read half its usual rate, and `ratio` 1.32).
+    relay: 20_000,
     hot: 2_000,
     one_to_one: 6_000,
     half_load_seconds: 2.0,

@@ -11,6 +11,10 @@
 //! WAL volume is what a message's durable writes cost the database, beyond CPU: it decides how
 //! often checkpoints come (every `max_wal_size` of WAL), and a checkpoint's writes share the disk
 //! with the broker's fsyncs.
+//!
+//! The line also counts the pages that backends had to write out themselves to make room in
+//! `shared_buffers` (`pg_stat_bgwriter.buffers_backend`): work on the statements' own path that
+//! grows once a phase's tables outgrow the buffers, which quick runs never reach.
 
 use sqlx::PgPool;
 use std::fmt;
@@ -22,25 +26,29 @@ pub struct Snapshot {
     full_page_images: i64,
     bytes: i64,
     checkpoints: i64,
+    backend_writes: i64,
 }
 
 /// Reads the counters; zeros when they cannot be read (the line then says nothing useful, and
 /// the phase goes on).
 pub async fn snapshot(db: &PgPool) -> Snapshot {
-    sqlx::query_as::<_, (i64, i64, i64, i64)>(
+    sqlx::query_as::<_, (i64, i64, i64, i64, i64)>(
         "SELECT w.wal_records, w.wal_fpi, \
                 pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, \
-                b.checkpoints_timed + b.checkpoints_req \
+                b.checkpoints_timed + b.checkpoints_req, b.buffers_backend \
          FROM pg_stat_wal w, pg_stat_bgwriter b",
     )
     .fetch_one(db)
     .await
-    .map(|(records, full_page_images, bytes, checkpoints)| Snapshot {
-        records,
-        full_page_images,
-        bytes,
-        checkpoints,
-    })
+    .map(
+        |(records, full_page_images, bytes, checkpoints, backend_writes)| Snapshot {
+            records,
+            full_page_images,
+            bytes,
+            checkpoints,
+            backend_writes,
+        },
+    )
     .unwrap_or_default()
 }
 
@@ -50,6 +58,7 @@ pub struct PerMessage {
     full_page_images: f64,
     bytes: f64,
     checkpoints: i64,
+    backend_writes: f64,
 }
 
 impl PerMessage {
@@ -61,6 +70,7 @@ impl PerMessage {
             full_page_images: per(after.full_page_images, before.full_page_images),
             bytes: per(after.bytes, before.bytes),
             checkpoints: (after.checkpoints - before.checkpoints).max(0),
+            backend_writes: per(after.backend_writes, before.backend_writes),
         }
     }
 
@@ -75,8 +85,8 @@ impl fmt::Display for PerMessage {
         write!(
             f,
             "WAL per message {:.0} bytes in about {:.1} records ({:.2} full-page images); \
-             checkpoints begun: {}",
-            self.bytes, self.records, self.full_page_images, self.checkpoints
+             checkpoints begun: {}; pages written out by backends: {:.3} per message",
+            self.bytes, self.records, self.full_page_images, self.checkpoints, self.backend_writes
         )
     }
 }
@@ -92,18 +102,20 @@ mod tests {
             full_page_images: 10,
             bytes: 1_000,
             checkpoints: 3,
+            backend_writes: 7,
         };
         let after = Snapshot {
             records: 1_100,
             full_page_images: 60,
             bytes: 261_000,
             checkpoints: 5,
+            backend_writes: 32,
         };
         let line = PerMessage::between(&before, &after, 100).to_string();
         assert_eq!(
             line,
             "WAL per message 2600 bytes in about 10.0 records (0.50 full-page images); \
-             checkpoints begun: 2"
+             checkpoints begun: 2; pages written out by backends: 0.250 per message"
         );
     }
 }
