@@ -167,9 +167,9 @@ pub(crate) struct Needs {
 /// current relations, the employers named or related and their current SEPPs, the organisations
 /// named, related or publishing, the insured's dossiers, the trajets the batch upserts by their
 /// own key (`$9`, `$10`: the sender's broker user, whose organisation `org` already holds, and
-/// the ref, so a ref used for another insured is seen) and, when the batch replaces a NISS (`$11`), every trajet of those dossiers, the
-/// batch's idempotency keys already in the inbox, and ids for the dossiers the batch may create
-/// (`$8`, less those that exist).
+/// the ref, so a ref used for another insured is seen) and, when the batch replaces a NISS
+/// (`$11`), every trajet of those dossiers, the batch's idempotency keys already in the inbox,
+/// and ids for the dossiers the batch may create (`$8`, less those that exist).
 const LOAD: &str = "
 WITH RECURSIVE ins AS (
     SELECT i.pseudonym, i.died_on, i.replaced_by, 1 AS depth
