@@ -268,12 +268,138 @@ pub async fn publish_confirmed(
         futures::future::try_join_all(pending),
     )
     .await?;
-    Ok(confirmations
+    let sent: Vec<ReturnKey> = messages
+        .iter()
+        .map(|(exchange, routing_key, props, _)| {
+            return_key(exchange, routing_key, props.message_id().as_ref())
+        })
+        .collect();
+    let answers = confirmations
         .into_iter()
         .map(|c| match c {
-            Confirmation::Ack(Some(_)) => Published::Returned,
-            Confirmation::Ack(None) | Confirmation::NotRequested => Published::Confirmed,
-            Confirmation::Nack(_) => Published::Nacked,
+            Confirmation::Ack(returned) => (true, returned),
+            Confirmation::NotRequested => (true, None),
+            Confirmation::Nack(returned) => (false, returned),
         })
-        .collect())
+        .map(|(acked, returned)| {
+            let key = returned.map(|r| {
+                let d = &r.delivery;
+                return_key(
+                    d.exchange.as_str(),
+                    d.routing_key.as_str(),
+                    d.properties.message_id().as_ref(),
+                )
+            });
+            (acked, key)
+        })
+        .collect();
+    Ok(classify(&sent, answers))
+}
+
+/// What tells a returned message from the others of its round: where it was sent, and its id.
+type ReturnKey = (String, String, Option<String>);
+
+fn return_key(exchange: &str, routing_key: &str, message_id: Option<&ShortString>) -> ReturnKey {
+    (
+        exchange.to_owned(),
+        routing_key.to_owned(),
+        message_id.map(|m| m.as_str().to_owned()),
+    )
+}
+
+/// How each of `sent` fared, from the broker's answer to each (acked or not, and the returned
+/// message lapin attached to that answer, if any).
+///
+/// The returned message lapin attaches to a confirmation is not necessarily that publish's own:
+/// lapin hands the oldest waiting return to whichever confirmation it completes next, and a
+/// `multiple` ack completes several in no particular order. So a returned message was matched
+/// to the wrong publish, and the unroutable one counted as confirmed: its outbox row deleted,
+/// the message lost. Returns are therefore matched by their exchange, routing key and
+/// `message_id`; messages alike in all three are interchangeable.
+fn classify(sent: &[ReturnKey], answers: Vec<(bool, Option<ReturnKey>)>) -> Vec<Published> {
+    let mut returned: Vec<ReturnKey> = Vec::new();
+    let mut acked = Vec::with_capacity(answers.len());
+    for (ack, key) in answers {
+        acked.push(ack);
+        returned.extend(key);
+    }
+    sent.iter()
+        .zip(acked)
+        .map(|(key, ack)| {
+            if let Some(at) = returned.iter().position(|r| r == key) {
+                returned.swap_remove(at);
+                Published::Returned
+            } else if ack {
+                Published::Confirmed
+            } else {
+                Published::Nacked
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(routing_key: &str, id: &str) -> ReturnKey {
+        ("trio.outbound".into(), routing_key.into(), Some(id.into()))
+    }
+
+    #[test]
+    fn a_return_counts_for_the_message_it_is_whichever_confirmation_carries_it() {
+        let routed = key("gp.1", "a");
+        let unroutable = key("gp.nobody", "b");
+        // A `multiple` ack over both: lapin attached the return to the routed message's ack.
+        assert_eq!(
+            classify(
+                &[routed.clone(), unroutable.clone()],
+                vec![(true, Some(unroutable.clone())), (true, None)]
+            ),
+            [Published::Confirmed, Published::Returned]
+        );
+        // And when it lands on its own ack.
+        assert_eq!(
+            classify(
+                &[routed.clone(), unroutable.clone()],
+                vec![(true, None), (true, Some(unroutable.clone()))]
+            ),
+            [Published::Confirmed, Published::Returned]
+        );
+    }
+
+    #[test]
+    fn nacks_stay_with_their_own_publish_and_alike_messages_share_their_returns() {
+        let a = key("gp.1", "a");
+        let b = key("gp.nobody", "b");
+        // The nack is the first publish's own; the return attached to it is the second's.
+        assert_eq!(
+            classify(
+                &[a.clone(), b.clone()],
+                vec![(false, Some(b.clone())), (true, None)]
+            ),
+            [Published::Nacked, Published::Returned]
+        );
+        // Two copies of one message (a duplicate's reply), one return: one of them is returned.
+        assert_eq!(
+            classify(
+                &[b.clone(), b.clone(), a.clone()],
+                vec![(true, None), (true, Some(b.clone())), (true, None)]
+            ),
+            [
+                Published::Returned,
+                Published::Confirmed,
+                Published::Confirmed
+            ]
+        );
+        // A message without an id is matched by where it went.
+        let anonymous: ReturnKey = ("trio.dead".into(), "x".into(), None);
+        assert_eq!(
+            classify(
+                &[a.clone(), anonymous.clone()],
+                vec![(true, Some(anonymous.clone())), (true, None)]
+            ),
+            [Published::Confirmed, Published::Returned]
+        );
+    }
 }

@@ -350,41 +350,63 @@ async fn gateway_sessions_never_jit_and_the_relay_commits_without_waiting_for_th
 
 #[tokio::test]
 async fn the_sweeper_publishes_rows_a_crashed_process_left_and_keeps_unroutable_ones() {
-    // Two rows as a process that died after its commit leaves them: claim expired, never
-    // published. One is routable, one has no queue bound for its routing key yet.
+    // Rows as a process that died after its commit leaves them: claim expired, never published.
+    // One has no queue bound for its routing key yet; it is swept between routable ones, so the
+    // broker may confirm it together with them in one `multiple` ack, and lapin then attach its
+    // return to another message's confirmation. (Matching returns by confirmation once made the
+    // relay delete the unroutable row, losing it, and keep a routed one.)
     let env = TestEnv::start().await;
     let operator = env.operator().await;
     let mut listener = operator.listen("gp.sweeper-test").await.unwrap();
-    let routable = uuid::Uuid::new_v4();
+    let before: Vec<uuid::Uuid> = (0..30).map(|_| uuid::Uuid::new_v4()).collect();
+    let after: Vec<uuid::Uuid> = (0..30).map(|_| uuid::Uuid::new_v4()).collect();
     let unroutable = uuid::Uuid::new_v4();
+    let mut ids = before.clone();
+    let mut keys = vec!["gp.sweeper-test"; 30];
+    let mut expired_seconds_ago = vec![3; 30];
+    ids.push(unroutable);
+    keys.push("gp.nobody-listens");
+    expired_seconds_ago.push(2);
+    ids.extend(&after);
+    keys.extend(vec!["gp.sweeper-test"; 30]);
+    expired_seconds_ago.extend(vec![1; 30]);
     sqlx::query(
         "INSERT INTO outbox (message_id, exchange, routing_key, type, content_type, body, \
                              claimed_until) \
          SELECT m, 'trio.outbound', k, 'trajet.updated', 'application/json', '{}'::bytea, \
-                now() - interval '1 second' \
-         FROM UNNEST($1::uuid[], $2::text[]) AS r(m, k)",
+                now() - make_interval(secs => s) \
+         FROM UNNEST($1::uuid[], $2::text[], $3::int[]) AS r(m, k, s)",
     )
-    .bind(vec![routable, unroutable])
-    .bind(vec!["gp.sweeper-test", "gp.nobody-listens"])
+    .bind(&ids)
+    .bind(&keys)
+    .bind(&expired_seconds_ago)
     .execute(&env.db)
     .await
     .unwrap();
 
-    let delivery = listener
-        .next(WAIT)
-        .await
-        .unwrap()
-        .expect("the sweeper publishes the expired row");
-    assert_eq!(
-        delivery
+    // Every routable row is published with the message_id it was committed with.
+    let mut expected: std::collections::BTreeSet<String> = before
+        .iter()
+        .chain(&after)
+        .map(|id| id.to_string())
+        .collect();
+    while !expected.is_empty() {
+        let delivery = listener
+            .next(WAIT)
+            .await
+            .unwrap()
+            .expect("the sweeper publishes every expired routable row");
+        let id = delivery
             .properties
             .message_id()
             .as_ref()
-            .map(|s| s.as_str()),
-        Some(routable.to_string().as_str()),
-        "with the message_id it was committed with"
-    );
-    // the confirmed row is deleted; the returned one stays, claimed for a minute
+            .map(|s| s.to_string());
+        assert!(
+            id.is_some_and(|id| expected.remove(&id)),
+            "an unexpected message or a second copy"
+        );
+    }
+    // The confirmed rows are deleted; the returned one stays, claimed for a minute.
     let mut left = Vec::new();
     for _ in 0..100 {
         left = sqlx::query_as::<_, (uuid::Uuid, i32, bool)>(
