@@ -254,12 +254,40 @@ pub struct Received {
     pub last: Option<Instant>,
     /// End-to-end latencies, microseconds.
     pub latencies_us: Vec<u32>,
+    /// The worst latency (microseconds) among the messages that arrived in each second since
+    /// the first arrival: whether a tail is one stall or spread over the phase.
+    pub worst_per_second_us: Vec<u32>,
+    /// When the first one arrived.
+    pub first: Option<Instant>,
     /// Inbound messages answered `stale` (no outbound message): a delayed batch was overtaken
     /// by a newer version of the same trajet, which the gateway rightly refuses to undo.
     pub stale: u64,
 }
 
 impl Received {
+    /// How the latencies over `limit_ms` spread over the phase: `"3 of 20 seconds had a
+    /// latency over 50 ms (worst 380.2 ms, in second 12)"`.
+    pub fn seconds_over(&self, limit_ms: f64) -> String {
+        let limit_us = limit_ms * 1000.0;
+        let over = self
+            .worst_per_second_us
+            .iter()
+            .filter(|&&us| f64::from(us) > limit_us)
+            .count();
+        let (worst_second, worst_us) = self
+            .worst_per_second_us
+            .iter()
+            .enumerate()
+            .max_by_key(|&(_, us)| *us)
+            .map_or((0, 0), |(s, us)| (s, *us));
+        format!(
+            "{over} of {} seconds had a latency over {limit_ms:.0} ms (worst {:.1} ms, in second \
+             {worst_second})",
+            self.worst_per_second_us.len(),
+            f64::from(worst_us) / 1000.0
+        )
+    }
+
     /// The `q` quantile of the latencies (sorted by [`Sink::collect`]), in milliseconds.
     pub fn quantile_ms(&self, q: f64) -> f64 {
         if self.latencies_us.is_empty() {
@@ -364,8 +392,16 @@ impl Sink {
                 got.count += 1;
                 got.last = Some(now);
                 let latency = now.saturating_duration_since(instant_of(at));
-                got.latencies_us
-                    .push(u32::try_from(latency.as_micros()).unwrap_or(u32::MAX));
+                let latency_us = u32::try_from(latency.as_micros()).unwrap_or(u32::MAX);
+                got.latencies_us.push(latency_us);
+                let second = now
+                    .saturating_duration_since(*got.first.get_or_insert(now))
+                    .as_secs();
+                let second = usize::try_from(second).unwrap_or(usize::MAX);
+                if got.worst_per_second_us.len() <= second {
+                    got.worst_per_second_us.resize(second + 1, 0);
+                }
+                got.worst_per_second_us[second] = got.worst_per_second_us[second].max(latency_us);
             }
         }
         self.ack_all().await?;

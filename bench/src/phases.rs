@@ -629,6 +629,7 @@ async fn phases(
         stale_note(&got)
     );
     cost_half.print("4 half load");
+    println!("[4 half load] {}", got.seconds_over(50.0));
     let warnings = warnings_since(world, &logged_before);
     println!(
         "[4 half load] gateway warnings meanwhile: {}",
@@ -639,6 +640,7 @@ async fn phases(
     }
     // The broker's share of that latency: the plain relay at the same pace.
     let wal_before = wal::snapshot(&world.db).await;
+    let cpu_before = cpu::snapshot(&[]);
     let (_, plain) = relay_run(
         &operator_url,
         world,
@@ -657,15 +659,18 @@ async fn phases(
         "relay at half load",
     )
     .await?;
+    let cpu_plain = cpu::PerMessage::between(&cpu_before, &cpu::snapshot(&[]), half_count);
     let wal_plain =
         wal::PerMessage::between(&wal_before, &wal::snapshot(&world.db).await, half_count);
     println!(
         "[4 half load] the plain relay at the same pace: latency p50 {:.1} ms p99 {:.1} ms \
-         (checkpoints begun meanwhile: {})",
+         (checkpoints begun meanwhile: {}); {}",
         plain.quantile_ms(0.5),
         plain.quantile_ms(0.99),
-        wal_plain.checkpoints()
+        wal_plain.checkpoints(),
+        plain.seconds_over(50.0)
     );
+    println!("[4 half load] the plain relay at the same pace: {cpu_plain}");
 
     // 5. Scale.
     let seeding = Instant::now();

@@ -1,6 +1,6 @@
 //! CI smoke check of the benchmark: `trio-bench --quick` runs every phase with small counts
-//! against the real broker and database, exits 0, prints the reference pipeline's ratios, and
-//! ends with the summary line whose five figures are all positive. With a service down it fails, saying which.
+//! against the real broker and database, exits 0, prints the reference pipeline's ratios and how
+//! the half load's latency tail spread over its seconds, and ends with the summary line whose five figures are all positive. With a service down it fails, saying which.
 
 use std::process::Command;
 
@@ -32,6 +32,13 @@ fn quick_benchmark_runs_every_phase_and_prints_the_summary() {
             .unwrap_or_else(|| panic!("no ratio in {line:?}"));
         assert!(ratio > 0.0, "{line}");
     }
+    // The half load says, for the gateway and for the plain relay at the same pace, how its
+    // tail spread over the phase's seconds.
+    let spreads = stdout
+        .lines()
+        .filter(|l| l.starts_with("[4 half load]") && l.contains("seconds had a latency over"))
+        .count();
+    assert_eq!(spreads, 2, "the half load's tail spreads:\n{stdout}");
     let last = stdout.lines().last().unwrap_or_default();
     let fields: Vec<(&str, f64)> = last
         .split_whitespace()

@@ -2,8 +2,8 @@
 //! flight. Several workers per process give several batches in flight.
 //!
 //! Per batch: read envelopes → dead-letter the unreadable (confirmed) → apply the rest in one
-//! transaction ([`trio_handlers::process_batch`]) → ack everything with one `multiple` ack →
-//! hand the committed outbox to the relay. Failures are split three ways:
+//! transaction ([`trio_handlers::process_batch`]) → hand the committed outbox to the relay →
+//! ack everything with one `multiple` ack. Failures are split three ways:
 //! - **transient** (database down): the same batch is retried with backoff, nothing acked;
 //! - **failed** (a bug, a panic): the batch is retried one message at a time; a message that
 //!   fails alone is requeued, and dead-lettered `delivery_limit` on its last allowed delivery;
@@ -27,6 +27,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
+use trio_handlers::batch::SLOW_BATCH;
 use trio_handlers::{BatchError, Context, Inbound, OutboxEntry, SourceQueue};
 
 /// Everything a worker shares with the rest of the process.
@@ -219,11 +220,7 @@ async fn handle_batch(
 
     // Committed: publish now (before the ack, so a lost channel cannot delay the replies).
     if !outbox.is_empty() {
-        deps.relay
-            .send(outbox)
-            .await
-            .map_err(|_| anyhow!("the outbox relay has stopped"))
-            .context("handing the outbox to the relay")?;
+        hand_to_relay(&deps.relay, outbox).await?;
     }
     for ((_, delivery), settle) in batch.iter().zip(&settle) {
         if let Settle::Requeue = settle {
@@ -252,6 +249,32 @@ async fn handle_batch(
             channel.basic_ack(tag, BasicAckOptions { multiple: true }),
         )
         .await?;
+    }
+    Ok(())
+}
+
+/// Hands a committed outbox to the relays. Their queue is bounded, so a worker waits here while
+/// the relays are behind (back-pressure, holding the batch's deliveries unacked); a wait of
+/// [`SLOW_BATCH`] or more is logged, so that a latency tail spent here can be told from one
+/// spent in the batch ("slow batch") or in the broker's confirms ("slow publish round").
+async fn hand_to_relay(
+    relay: &mpsc::Sender<Vec<OutboxEntry>>,
+    outbox: Vec<OutboxEntry>,
+) -> anyhow::Result<()> {
+    let messages = outbox.len();
+    let started = tokio::time::Instant::now();
+    relay
+        .send(outbox)
+        .await
+        .map_err(|_| anyhow!("the outbox relay has stopped"))
+        .context("handing the outbox to the relay")?;
+    let waited = started.elapsed();
+    if waited >= SLOW_BATCH {
+        warn!(
+            messages,
+            ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+            "slow relay handoff: the relays were behind"
+        );
     }
     Ok(())
 }
@@ -289,5 +312,102 @@ async fn process_until_not_transient(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use trio_handlers::OutboundMessage;
+
+    /// Log lines written while a test runs, on its own thread.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut lines) = self.0.lock() {
+                lines.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            let bytes = self.0.lock().map(|b| b.clone()).unwrap_or_default();
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+    }
+
+    fn entry(id: i64) -> OutboxEntry {
+        OutboxEntry {
+            id,
+            message: OutboundMessage {
+                message_id: trio_handlers::outbound::stable_message_id(&[
+                    "handoff",
+                    &id.to_string(),
+                ]),
+                exchange: String::new(),
+                routing_key: "q".into(),
+                message_type: "reply".into(),
+                content_type: "application/json".into(),
+                correlation_id: None,
+                traceparent: None,
+                body: b"{}".to_vec(),
+            },
+        }
+    }
+
+    // Paused time: the relay's delay is exact, whatever the machine's load.
+    #[tokio::test(start_paused = true)]
+    async fn a_handoff_that_waits_for_the_relays_says_so_in_a_warning() {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let _subscriber = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish(),
+        );
+        let (relay, mut queue) = mpsc::channel(1);
+
+        // Room in the queue: no wait, no warning.
+        hand_to_relay(&relay, vec![entry(1)]).await.unwrap();
+        assert!(
+            !logs.text().contains("slow relay handoff"),
+            "{}",
+            logs.text()
+        );
+
+        // The queue is full and the relays take longer than SLOW_BATCH to make room.
+        tokio::spawn(async move {
+            tokio::time::sleep(SLOW_BATCH + Duration::from_millis(50)).await;
+            let first = queue.recv().await;
+            let second = queue.recv().await;
+            (first, second)
+        });
+        hand_to_relay(&relay, vec![entry(2), entry(3)])
+            .await
+            .unwrap();
+        let text = logs.text();
+        let line = text
+            .lines()
+            .find(|l| l.contains("slow relay handoff"))
+            .unwrap_or_else(|| panic!("no handoff warning in: {text}"));
+        assert!(line.contains("messages=2"), "{line}");
+        assert!(line.contains("ms=250"), "{line}");
+    }
+
+    #[tokio::test]
+    async fn a_handoff_to_stopped_relays_is_an_error() {
+        let (relay, queue) = mpsc::channel(1);
+        drop(queue);
+        let e = hand_to_relay(&relay, vec![entry(1)]).await.unwrap_err();
+        assert!(format!("{e:#}").contains("relay has stopped"), "{e:#}");
     }
 }
