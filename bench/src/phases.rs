@@ -778,8 +778,9 @@ fn gateway_batch_size() -> anyhow::Result<usize> {
     Ok(trio_gateway::config::Config::from_env()?.batch_size)
 }
 
-/// Runs the plain relay (4 relays, batches of [`gateway_batch_size`]) on `count` 1 KiB messages published at `rate`
-/// (as fast as possible when `None`), and returns the first publish and what arrived.
+/// Runs the plain relay (4 relays, batches of [`gateway_batch_size`]) on `count` 1 KiB messages
+/// published at `rate` (as fast as possible when `None`), and returns the first publish and what
+/// arrived.
 async fn relay_run(
     url: &str,
     world: &World,
