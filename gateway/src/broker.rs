@@ -268,13 +268,7 @@ pub async fn publish_confirmed(
         futures::future::try_join_all(pending),
     )
     .await?;
-    let sent: Vec<ReturnKey> = messages
-        .iter()
-        .map(|(exchange, routing_key, props, _)| {
-            return_key(exchange, routing_key, props.message_id().as_ref())
-        })
-        .collect();
-    let answers = confirmations
+    let answers: Vec<(bool, Option<ReturnKey>)> = confirmations
         .into_iter()
         .map(|c| match c {
             Confirmation::Ack(returned) => (true, returned),
@@ -293,7 +287,29 @@ pub async fn publish_confirmed(
             (acked, key)
         })
         .collect();
+    // Returns are rare (a recipient not bound yet): only then are the messages' keys needed.
+    if answers.iter().all(|(_, returned)| returned.is_none()) {
+        return Ok(answers
+            .into_iter()
+            .map(|(acked, _)| answered(acked))
+            .collect());
+    }
+    let sent: Vec<ReturnKey> = messages
+        .iter()
+        .map(|(exchange, routing_key, props, _)| {
+            return_key(exchange, routing_key, props.message_id().as_ref())
+        })
+        .collect();
     Ok(classify(&sent, answers))
+}
+
+/// A message the broker did not return: confirmed if acked, else refused.
+fn answered(acked: bool) -> Published {
+    if acked {
+        Published::Confirmed
+    } else {
+        Published::Nacked
+    }
 }
 
 /// What tells a returned message from the others of its round: where it was sent, and its id.
@@ -329,10 +345,8 @@ fn classify(sent: &[ReturnKey], answers: Vec<(bool, Option<ReturnKey>)>) -> Vec<
             if let Some(at) = returned.iter().position(|r| r == key) {
                 returned.swap_remove(at);
                 Published::Returned
-            } else if ack {
-                Published::Confirmed
             } else {
-                Published::Nacked
+                answered(ack)
             }
         })
         .collect()
