@@ -507,4 +507,20 @@ mod tests {
         assert_eq!(t.len(), 55);
         assert_eq!(parse_traceparent(&t), Some((3, 123_456_789)));
     }
+
+    #[test]
+    fn the_spread_counts_the_seconds_over_the_limit_and_names_the_worst() {
+        let got = Received {
+            worst_per_second_us: vec![10_000, 60_000, 180_000, 50_000],
+            ..Received::default()
+        };
+        assert_eq!(
+            got.seconds_over(50.0),
+            "2 of 4 seconds had a latency over 50 ms (worst 180.0 ms, in second 2)"
+        );
+        assert_eq!(
+            Received::default().seconds_over(50.0),
+            "0 of 0 seconds had a latency over 50 ms (worst 0.0 ms, in second 0)"
+        );
+    }
 }
