@@ -1,6 +1,8 @@
 //! CI smoke check of the benchmark: `trio-bench --quick` runs every phase with small counts
-//! against the real broker and database, exits 0, prints the reference pipeline's ratios and how
-//! the half load's latency tail spread over its seconds, and ends with the summary line whose five figures are all positive. With a service down it fails, saying which.
+//! against the real broker and database, exits 0, prints the reference pipeline's ratios, the
+//! gateway's 1:1 rate against the faster of them, how the half load's latency tail spread over
+//! its seconds, and ends with the summary line whose five figures are all positive. With a
+//! service down it fails, saying which.
 
 use std::process::Command;
 
@@ -25,13 +27,22 @@ fn quick_benchmark_runs_every_phase_and_prints_the_summary() {
             .lines()
             .find(|l| l.starts_with(&format!("[1 reference pipeline] {in_flight} batches")))
             .unwrap_or_else(|| panic!("no reference pipeline line for {in_flight}:\n{stdout}"));
-        let ratio: f64 = line
-            .rsplit_once('(')
-            .and_then(|(_, r)| r.split_once('×'))
-            .and_then(|(r, _)| r.parse().ok())
-            .unwrap_or_else(|| panic!("no ratio in {line:?}"));
+        let ratio =
+            number_between(line, "(", "×").unwrap_or_else(|| panic!("no ratio in {line:?}"));
         assert!(ratio > 0.0, "{line}");
     }
+    // The gateway's 1:1 phase compares it with the faster reference pipeline too (a rate of
+    // that pipeline left unset would print `inf`).
+    let one_to_one = stdout
+        .lines()
+        .find(|l| l.starts_with("[3 gateway 1:1]") && l.contains("trajet.updated"))
+        .unwrap_or_else(|| panic!("no gateway 1:1 line:\n{stdout}"));
+    let against_reference = number_between(one_to_one, "relay, ", "× the faster reference")
+        .unwrap_or_else(|| panic!("no comparison with the reference pipeline in {one_to_one:?}"));
+    assert!(
+        against_reference.is_finite() && against_reference > 0.0,
+        "{one_to_one}"
+    );
     // The half load says, for the gateway and for the plain relay at the same pace, how its
     // tail spread over the phase's seconds.
     let spreads = stdout
@@ -56,6 +67,13 @@ fn quick_benchmark_runs_every_phase_and_prints_the_summary() {
     for (name, value) in &fields {
         assert!(*value > 0.0, "{name} is not positive in {last:?}");
     }
+}
+
+/// The number between the last `start` of `line` and the `end` that follows it.
+fn number_between(line: &str, start: &str, end: &str) -> Option<f64> {
+    let (_, rest) = line.rsplit_once(start)?;
+    let (number, _) = rest.split_once(end)?;
+    number.parse().ok()
 }
 
 fn tail(text: &str, lines: usize) -> String {
