@@ -50,8 +50,8 @@ const FULL: Sizes = Sizes {
 };
 
 // More hot insured than the messages two processes hold unacked (2 × 2 workers × the default
-// prefetch, 400):
-// the upserts of one trajet are then never in flight together, so none is answered `stale`.
+// prefetch, 400, on the one inbound queue the bench feeds): the upserts of one trajet are then
+// never in flight together, so none is answered `stale`.
 const QUICK: Sizes = Sizes {
     // Enough for the relay phases to outlast their start-up (with 5 000 the relay ceiling once
     // read half its usual rate, and `ratio` 1.32).
