@@ -1138,7 +1138,8 @@ impl State {
     /// The tables every message writes — trajets, history, inbox and outbox — in one statement
     /// (one data-modifying CTE each: they run once, in full, whether or not the final statement
     /// reads them; foreign keys are checked when the statement ends).
-    /// Returns the outbox as committed, each message with its row's id.
+    /// Returns the outbox as committed, each message with its row's id; fails when a trajet the
+    /// load found was not updated (see [`FLUSH_HOT`]).
     async fn flush_hot(&mut self, conn: &mut PgConnection) -> sqlx::Result<Vec<OutboxEntry>> {
         if self.dirty_trajets.is_empty()
             && self.history.is_empty()
@@ -1152,10 +1153,15 @@ impl State {
             .iter()
             .filter_map(|k| self.trajets.get(k).map(|t| (k, t)))
             .collect();
+        // Whether the load found each trajet: found ones are updated, the others inserted.
+        let stored: Vec<bool> = t
+            .iter()
+            .map(|(k, _)| !self.new_trajets.contains(k))
+            .collect();
         let h = &self.history;
         let i = &self.new_inbox;
         let o = &self.outbox;
-        let rows = sqlx::query(FLUSH_HOT)
+        let row = sqlx::query(FLUSH_HOT)
             .bind(
                 t.iter()
                     .map(|(k, _)| k.owner_kind.as_str())
@@ -1245,25 +1251,36 @@ impl State {
                     .collect::<Vec<_>>(),
             )
             .bind(o.iter().map(|m| m.body.as_slice()).collect::<Vec<_>>())
-            .bind(
-                t.iter()
-                    .map(|(k, _)| !self.new_trajets.contains(k))
-                    .collect::<Vec<_>>(),
-            )
-            .fetch_all(&mut *conn)
+            .bind(&stored)
+            .fetch_one(&mut *conn)
             .await?;
-        outbox_entries(std::mem::take(&mut self.outbox), &rows)
+        let found = stored.iter().filter(|&&s| s).count();
+        let updated: i64 = row.try_get("trajets_updated")?;
+        if usize::try_from(updated).ok() != Some(found) {
+            return Err(sqlx::Error::Decode(
+                format!(
+                    "the flush updated {updated} of the {found} trajets the batch loaded: a \
+                     writer deleted one without taking the batch's locks"
+                )
+                .into(),
+            ));
+        }
+        outbox_entries(std::mem::take(&mut self.outbox), &row)
     }
 }
 
 /// [`State::flush_hot`]'s statement: trajets written (`$1`–`$11`, and `$34`: whether the load
 /// found the row), history appended (`$12`–`$17`), outcomes recorded in the inbox (`$18`–`$25`)
 /// and outbound messages put in the outbox, claimed for 30 s by this process's relay
-/// (`$26`–`$33`); it returns each outbox row's id with its `message_id`.
+/// (`$26`–`$33`). It returns one row: how many trajets it updated, and each outbox row's id
+/// with its `message_id`.
 ///
 /// Trajets the load found are updated, the others inserted, both plainly: the batch holds the
 /// lock of every trajet it writes (its key's, or its insured's) and loaded it after taking it.
-/// `INSERT … ON CONFLICT DO UPDATE` would write a row-lock WAL record before each update.
+/// `INSERT … ON CONFLICT DO UPDATE` would write a row-lock WAL record before each update. A
+/// found trajet the `UPDATE` misses (a writer that deleted it without those locks) would leave
+/// an outcome and a `trajet.updated` for a write that did not happen, so the caller counts the
+/// updated rows and fails the batch when one is missing.
 ///
 /// The inbox rows are plain inserts: the batch holds the advisory lock of each idempotency key
 /// and loaded the inbox after taking it, so a key already recorded was answered as a duplicate
@@ -1285,6 +1302,7 @@ WITH written AS (
     FROM written w
     WHERE w.stored AND t.owner_kind = w.owner_kind AND t.owner_id = w.owner_id
       AND t.ref = w.ref
+    RETURNING 1
 ), created AS (
     INSERT INTO trajet (owner_kind, owner_id, ref, dossier_id, type, status, version,
                         request_received_on, start_on, end_on, consent)
@@ -1301,23 +1319,29 @@ WITH written AS (
     SELECT s, m, t, st, c, d, r::jsonb, di
     FROM UNNEST($18::text[], $19::text[], $20::text[], $21::text[], $22::text[], $23::text[],
                 $24::text[], $25::bigint[]) AS i(s, m, t, st, c, d, r, di)
+), queued AS (
+    INSERT INTO outbox (message_id, exchange, routing_key, type, content_type, correlation_id,
+                        traceparent, body, claimed_until)
+    SELECT *, now() + interval '30 seconds'
+    FROM UNNEST($26::uuid[], $27::text[], $28::text[], $29::text[], $30::text[], $31::text[],
+                $32::text[], $33::bytea[])
+    RETURNING id, message_id
 )
-INSERT INTO outbox (message_id, exchange, routing_key, type, content_type, correlation_id,
-                    traceparent, body, claimed_until)
-SELECT *, now() + interval '30 seconds'
-FROM UNNEST($26::uuid[], $27::text[], $28::text[], $29::text[], $30::text[], $31::text[],
-            $32::text[], $33::bytea[])
-RETURNING id, message_id";
+SELECT (SELECT count(*) FROM updated) AS trajets_updated,
+       array_agg(id) AS outbox_id, array_agg(message_id) AS outbox_message_id
+FROM queued";
 
-/// Pairs each outbox message with the id of the row [`FLUSH_HOT`] inserted for it. Rows come
-/// back as `(id, message_id)`, in no promised order; a `message_id` may repeat (a duplicate's
-/// reply), and then any of its ids will do, one each.
-fn outbox_entries(outbox: Vec<OutboundMessage>, rows: &[PgRow]) -> sqlx::Result<Vec<OutboxEntry>> {
-    let mut ids: HashMap<Uuid, Vec<i64>> = HashMap::with_capacity(rows.len());
-    for row in rows {
-        ids.entry(row.try_get("message_id")?)
-            .or_default()
-            .push(row.try_get("id")?);
+/// Pairs each outbox message with the id of the row [`FLUSH_HOT`] inserted for it. The ids come
+/// back as two arrays, `outbox_id` and `outbox_message_id`, paired by position (one aggregate
+/// builds both) and in no promised order; a `message_id` may repeat (a duplicate's reply), and
+/// then any of its ids will do, one each.
+fn outbox_entries(outbox: Vec<OutboundMessage>, row: &PgRow) -> sqlx::Result<Vec<OutboxEntry>> {
+    let row_ids: Vec<i64> = column(row, "outbox_id")?;
+    let message_ids: Vec<Uuid> = column(row, "outbox_message_id")?;
+    same_length("outbox", row_ids.len(), &[message_ids.len()])?;
+    let mut ids: HashMap<Uuid, Vec<i64>> = HashMap::with_capacity(row_ids.len());
+    for (message_id, id) in message_ids.into_iter().zip(row_ids) {
+        ids.entry(message_id).or_default().push(id);
     }
     outbox
         .into_iter()

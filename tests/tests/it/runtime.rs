@@ -1,6 +1,6 @@
 //! The runtime: idempotent quorum topology, batches, poison messages, graceful shutdown.
 
-use crate::{World, assert_reply, count, hold_insured_lock, trajet};
+use crate::{GP, World, assert_reply, count, hold_insured_lock, trajet};
 use serde_json::json;
 use std::time::Duration;
 use trio_gateway::partner::{Outgoing, header};
@@ -479,5 +479,82 @@ async fn a_slow_batch_says_in_a_warning_where_its_time_went() {
         assert!(line.contains(step), "{step} missing from: {line}");
     }
     assert!(!line.contains(&w.niss), "a NISS in the warning");
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn a_trajet_update_that_writes_nothing_fails_its_batch_instead_of_reporting_success() {
+    // A trajet the load found but the flush's UPDATE misses — here a trigger skips the row, as
+    // a writer deleting rows without the insured's lock would — must not leave an `accepted`
+    // outcome, a history line or a `trajet.updated` for a write that did not happen.
+    let env = TestEnv::start_with(Options {
+        delivery_limit: 2,
+        ..Options::default()
+    })
+    .await;
+    let mut w = World::with_env(env, 75).await;
+    let mut dead = w.operator.consume_queue("trio.dead").await.unwrap();
+    let mut to_gp = w.gp.listen(&format!("gp.{GP}")).await.unwrap();
+    let n = w.niss.clone();
+    let r = request(
+        &mut w.oa,
+        "oa",
+        "trajet.upsert",
+        &trajet(&n, "lost", "rtw_ami", "en_cours", 1),
+    )
+    .await;
+    assert_reply(&r, "accepted", None);
+    assert_eq!(to_gp.drain(Duration::from_secs(1)).await.unwrap().len(), 1);
+    sqlx::raw_sql(
+        "CREATE FUNCTION skip_update() RETURNS trigger AS $$ BEGIN \
+           IF OLD.ref = 'lost' THEN RETURN NULL; END IF; RETURN NEW; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER skip_update BEFORE UPDATE ON trajet \
+           FOR EACH ROW EXECUTE FUNCTION skip_update();",
+    )
+    .execute(&w.env.db)
+    .await
+    .unwrap();
+    let history = count(&w.env, "history").await;
+
+    let message_id = send(
+        &w.oa,
+        "oa",
+        "trajet.upsert",
+        &trajet(&n, "lost", "rtw_ami", "termine", 2),
+    )
+    .await;
+    let letter = dead
+        .next(Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("the message whose update wrote nothing is dead-lettered");
+    assert_eq!(
+        letter.properties.message_id().as_ref().unwrap().as_str(),
+        message_id
+    );
+    let (version, status): (i64, String) =
+        sqlx::query_as("SELECT version, status FROM trajet WHERE ref = 'lost'")
+            .fetch_one(&w.env.db)
+            .await
+            .unwrap();
+    assert_eq!((version, status.as_str()), (1, "en_cours"));
+    let outcomes: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE message_id = $1")
+        .bind(&message_id)
+        .fetch_one(&w.env.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes, 0,
+        "no outcome recorded for the write that did not happen"
+    );
+    assert_eq!(count(&w.env, "history").await, history, "no history line");
+    assert!(
+        to_gp
+            .drain(Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_empty(),
+        "no trajet.updated for version 2"
+    );
     w.env.finish().await;
 }
