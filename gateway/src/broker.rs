@@ -54,6 +54,16 @@ pub fn pool(config: &Config, name: &str, size: usize) -> anyhow::Result<Pool> {
         .context("building the broker connection pool")
 }
 
+/// Closes the pool and its idle connections with a clean `connection.close`, once nothing uses
+/// them. Dropping a lapin connection instead leaves its I/O thread to resolve promises nobody
+/// awaits any more, and it warns about each ("promise has vanished") on every shutdown.
+pub async fn close_pool(pool: &Pool, limit: Duration) {
+    for connection in pool.retain(|_, _| false).removed {
+        let _ = timed(limit, "connection.close", connection.close(200, "shutdown")).await;
+    }
+    pool.close();
+}
+
 /// Opens a channel on a pooled connection.
 ///
 /// # Errors

@@ -204,8 +204,8 @@ pub async fn serve(
     let deps = WorkerDeps {
         config: config.clone(),
         ctx,
-        consume_pool,
-        publish_pool,
+        consume_pool: consume_pool.clone(),
+        publish_pool: publish_pool.clone(),
         relay: relay_tx,
         shutdown: stop_consuming.clone(),
     };
@@ -239,6 +239,8 @@ pub async fn serve(
     // Every relay and the sweeper have dropped their senders: the deleter drains and stops.
     let _ = deleter.await;
     grace.abort();
+    broker::close_pool(&consume_pool, config.broker_timeout).await;
+    broker::close_pool(&publish_pool, config.broker_timeout).await;
     db.close().await;
     relay_db.close().await;
     info!("trio-gateway stopped");

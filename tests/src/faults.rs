@@ -728,6 +728,11 @@ impl GatewayProcess {
     pub fn log_tail(&self) -> String {
         self.process.log_tail()
     }
+
+    /// Where its log (stderr) is written; the file stays after the process ends.
+    pub fn log_path(&self) -> &Path {
+        &self.process.log
+    }
 }
 
 /// A local service the test stops and starts again; started again on drop (even on panic), so
