@@ -9,6 +9,21 @@ use anyhow::{Context as _, anyhow};
 use base64::Engine as _;
 use serde_json::json;
 
+/// A request the management API answered with an error status, with the body that says why
+/// (e.g. `{"error":"bad_request","reason":["user_already_exists","t-oa-300"]}`).
+#[derive(Debug, thiserror::Error)]
+#[error("management API {method} {path}: status {status}: {body}")]
+pub struct Refused {
+    /// The HTTP method.
+    pub method: &'static str,
+    /// The path under `/api/`.
+    pub path: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// The response body.
+    pub body: String,
+}
+
 /// A management API client.
 #[derive(Clone)]
 pub struct BrokerAdmin {
@@ -76,6 +91,13 @@ impl BrokerAdmin {
                 Err(ureq::Error::Status(404, _)) if method == "DELETE" => {
                     Ok(serde_json::Value::Null)
                 }
+                Err(ureq::Error::Status(status, response)) => Err(Refused {
+                    method,
+                    path,
+                    status,
+                    body: response.into_string().unwrap_or_default(),
+                }
+                .into()),
                 Err(e) => Err(anyhow!("management API {method} {path}: {e}")),
             }
         })
@@ -85,16 +107,27 @@ impl BrokerAdmin {
 
     /// Creates (or updates) a user with a password and tags (e.g. `""`, `"impersonator"`).
     ///
+    /// Several clients may ensure the same new user at once (parallel tests on a fresh broker):
+    /// RabbitMQ then creates it for one and answers the others 400 `user_already_exists`
+    /// instead of updating it. The user exists by then, so those PUT again, which updates it.
+    ///
     /// # Errors
     /// When the management API refuses or is unreachable.
     pub async fn ensure_user(&self, name: &str, password: &str, tags: &str) -> anyhow::Result<()> {
-        self.call(
-            "PUT",
-            format!("users/{}", encode(name)),
-            Some(json!({ "password": password, "tags": tags })),
-        )
-        .await
-        .map(drop)
+        let put = || {
+            self.call(
+                "PUT",
+                format!("users/{}", encode(name)),
+                Some(json!({ "password": password, "tags": tags })),
+            )
+        };
+        for _ in 0..3 {
+            match put().await {
+                Err(e) if created_meanwhile(&e) => continue,
+                result => return result.map(drop),
+            }
+        }
+        put().await.map(drop)
     }
 
     /// Creates a virtual host.
@@ -156,6 +189,12 @@ impl BrokerAdmin {
             .await?;
         Ok(stats["messages"].as_u64().unwrap_or(0))
     }
+}
+
+/// Whether a PUT of a user lost the race to create it to another client.
+fn created_meanwhile(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Refused>()
+        .is_some_and(|r| r.status == 400 && r.body.contains("user_already_exists"))
 }
 
 /// Percent-encodes a path segment (vhost `/` becomes `%2F`).

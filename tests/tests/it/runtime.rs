@@ -558,3 +558,20 @@ async fn a_trajet_update_that_writes_nothing_fails_its_batch_instead_of_reportin
     );
     w.env.finish().await;
 }
+
+#[tokio::test]
+async fn a_new_broker_user_ensured_by_many_clients_at_once_succeeds_for_every_one() {
+    // Parallel tests on a fresh broker all ensure the same users, and RabbitMQ answers all but
+    // one of simultaneous creations 400 `user_already_exists` (about one round in two, before
+    // the retry: ten rounds make it all but certain).
+    let admin = trio_gateway::admin::BrokerAdmin::from_env().unwrap();
+    for round in 0..10 {
+        let name = format!("t-race-{}", uuid::Uuid::new_v4());
+        let results =
+            futures::future::join_all((0..8).map(|_| admin.ensure_user(&name, "x", ""))).await;
+        admin.delete_user(&name).await.unwrap();
+        for result in results {
+            result.unwrap_or_else(|e| panic!("round {round}: {e:#}"));
+        }
+    }
+}
