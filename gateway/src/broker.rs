@@ -8,6 +8,7 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, ExchangeKind};
@@ -62,6 +63,20 @@ pub async fn close_pool(pool: &Pool, limit: Duration) {
         let _ = timed(limit, "connection.close", connection.close(200, "shutdown")).await;
     }
     pool.close();
+}
+
+/// Whether the broker refused a declaration because the queue or exchange exists with other
+/// arguments (`PRECONDITION_FAILED`).
+pub fn is_precondition_failed(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<lapin::Error>(),
+            Some(lapin::Error::ProtocolError(amqp)) if matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            )
+        )
+    })
 }
 
 /// Opens a channel on a pooled connection.

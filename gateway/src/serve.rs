@@ -130,7 +130,9 @@ pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
 /// Declares the topology, retrying with backoff while the broker is unreachable.
 ///
 /// # Errors
-/// When the broker refuses the declaration itself (e.g. incompatible existing queues).
+/// At once when the broker refuses the declaration itself: an existing queue or exchange was
+/// declared with other arguments (e.g. another `TRIO_DELIVERY_LIMIT`), which waiting does not
+/// change. After about five minutes of other failures.
 pub async fn declare(config: &Config, pool: &deadpool_lapin::Pool) -> anyhow::Result<()> {
     let mut delays = backoff();
     for attempt in 1.. {
@@ -143,6 +145,13 @@ pub async fn declare(config: &Config, pool: &deadpool_lapin::Pool) -> anyhow::Re
         .await;
         match result {
             Ok(()) => return Ok(()),
+            Err(e) if broker::is_precondition_failed(&e) => {
+                return Err(e.context(
+                    "the broker holds a queue or exchange of the topology declared with other \
+                     arguments: give this gateway the settings the running ones have (e.g. \
+                     TRIO_DELIVERY_LIMIT), or move the old queue's messages and delete it",
+                ));
+            }
             Err(e) if attempt >= 60 => return Err(e),
             Err(e) => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(5));

@@ -575,3 +575,25 @@ async fn a_new_broker_user_ensured_by_many_clients_at_once_succeeds_for_every_on
         }
     }
 }
+
+#[tokio::test]
+async fn a_topology_declared_with_other_arguments_stops_the_start_at_once() {
+    // The queues exist with this test's delivery limit. A gateway configured with another one
+    // cannot declare them, and waiting changes nothing: it says what to do and gives up.
+    let env = TestEnv::start().await;
+    let _operator = env.operator().await; // once the test's gateway has declared the topology
+    let mut config = env.config.clone();
+    config.delivery_limit += 1;
+    let pool = trio_gateway::broker::pool(&config, "test", 1).unwrap();
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        trio_gateway::serve::declare(&config, &pool),
+    )
+    .await
+    .expect("the declaration should fail at once, not be retried")
+    .expect_err("queues declared with another delivery limit");
+    let message = format!("{error:#}");
+    assert!(message.contains("inequivalent arg"), "{message}");
+    assert!(message.contains("TRIO_DELIVERY_LIMIT"), "{message}");
+    env.finish().await;
+}
