@@ -1,4 +1,6 @@
-//! The runtime: idempotent quorum topology, batches, poison messages, graceful shutdown.
+//! The runtime: the quorum topology (declared again harmlessly, refused at once when it
+//! conflicts), batches, poison messages and writes that did not happen, graceful shutdown, and
+//! the management API client the tests rely on.
 
 use crate::{GP, World, assert_reply, count, hold_insured_lock, trajet};
 use serde_json::json;
