@@ -566,7 +566,10 @@ async fn a_new_broker_user_ensured_by_many_clients_at_once_succeeds_for_every_on
     // Parallel tests on a fresh broker all ensure the same users, and RabbitMQ answers all but
     // one of simultaneous creations 400 `user_already_exists` (about one round in two, before
     // the retry: ten rounds make it all but certain).
-    let admin = trio_gateway::admin::BrokerAdmin::from_env().unwrap();
+    let services = trio_tests::services::get()
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let admin = trio_gateway::admin::BrokerAdmin::new(&services.admin_url).unwrap();
     for round in 0..10 {
         let name = format!("t-race-{}", uuid::Uuid::new_v4());
         let results =
