@@ -209,7 +209,8 @@ pub async fn serve(
         .collect();
     let sweeper = tokio::spawn(relay::sweep(relay_deps, stop_consuming.clone()));
 
-    let ctx = Context::new(db.clone(), pseudonymiser, config.operator_users.clone());
+    let ctx = Context::new(db.clone(), pseudonymiser, config.operator_users.clone())
+        .with_state_cache(config.state_cache);
     let deps = WorkerDeps {
         config: config.clone(),
         ctx,

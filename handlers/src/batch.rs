@@ -338,7 +338,7 @@ pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResu
     .fetch_one(&mut *tx)
     .await?;
     steps.mark("locks");
-    let mut state = State::load(&mut tx, &needs, now).await?;
+    let mut state = State::load(&mut tx, &needs, now, &ctx.state_cache).await?;
     steps.mark("load");
 
     // A NISS replaced earlier resolves to its successor, which the locks above did not cover:
@@ -374,7 +374,7 @@ pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResu
             .collect();
         in_transit.extend(in_transit_map(ctx, at_rest).await?);
         needs.pseudonyms.extend(redirected);
-        state = State::load(&mut tx, &needs, now).await?;
+        state = State::load(&mut tx, &needs, now, &ctx.state_cache).await?;
         steps.mark("successors");
     }
 

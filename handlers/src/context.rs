@@ -1,5 +1,7 @@
-//! What every batch needs from the process: the database pool, the pseudonymiser and settings.
+//! What every batch needs from the process: the database pool, the pseudonymiser, the state
+//! cache and settings.
 
+use crate::state_cache::StateCache;
 use sqlx::PgPool;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,6 +18,8 @@ pub struct Context {
     pub operators: Arc<HashSet<String>>,
     /// How long a relation lasts when `valid_until` is absent (24 hours).
     pub relation_ttl: time::Duration,
+    /// What the process keeps of the insured it has met, across batches.
+    pub state_cache: Arc<StateCache>,
 }
 
 impl Context {
@@ -30,6 +34,14 @@ impl Context {
             pseudonymiser,
             operators: Arc::new(operators.into_iter().collect()),
             relation_ttl: time::Duration::hours(24),
+            state_cache: Arc::new(StateCache::default()),
         }
+    }
+
+    /// The same context keeping at most `capacity` insured views across batches (0: none).
+    #[must_use]
+    pub fn with_state_cache(mut self, capacity: usize) -> Self {
+        self.state_cache = Arc::new(StateCache::new(capacity));
+        self
     }
 }

@@ -10,6 +10,7 @@
 //! - `messages`: one handler per message type (authentication happens in [`batch`]);
 //! - [`rules`]: pure rules of DOMAIN.md (trajet types per organisation kind, statuses per type);
 //! - `state`: the batch's in-memory view of the database and its multi-row writes;
+//! - [`state_cache`]: what the process keeps of each insured across batches, never stale;
 //! - [`outcome`]: statuses, reply codes and the reply body;
 //! - [`outbound`]: replies and `trio.outbound` events with stable message ids;
 //! - [`MIGRATOR`]: the embedded schema migrations.
@@ -22,6 +23,7 @@ pub mod outbound;
 pub mod outcome;
 pub mod rules;
 mod state;
+pub mod state_cache;
 
 pub use batch::{BatchError, BatchResult, process_batch};
 pub use context::Context;

@@ -19,6 +19,7 @@
 
 use crate::outbound::{OutboundMessage, OutboxEntry};
 use crate::outcome::{Outcome, Status};
+use crate::state_cache::{InsuredView, StateCache};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -163,17 +164,28 @@ pub(crate) struct Needs {
 /// plan), and each table comes back as one array per column (`array_agg` in one aggregate, so
 /// the arrays of a table are in the same row order).
 ///
-/// What it follows, in order: the insured (and up to four NISS replacements onward), their
+/// The insured asked for are `$1`, those the process has cached views of ([`StateCache`]) `$13`:
+/// the latter are read only when the state epoch is no longer `$12`, the epoch of those views
+/// (the cached views are then stale, and the row's `state_epoch` tells the caller which case it
+/// is). What it follows, in order: those insured (and up to four NISS replacements onward), their
 /// current relations, the employers named or related and their current SEPPs, the organisations
 /// named, related or publishing, the insured's dossiers, the trajets the batch upserts by their
 /// own key (`$9`, `$10`: the sender's broker user, whose organisation `org` already holds, and
 /// the ref, so a ref used for another insured is seen) and, when the batch replaces a NISS
 /// (`$11`), every trajet of those dossiers, the batch's idempotency keys already in the inbox,
-/// and ids for the dossiers the batch may create (`$8`, less those that exist).
+/// and ids for the dossiers the batch may create (at most `$8`, and no more than the insured
+/// without a dossier: those read here, plus `$14` of the cached ones when their views are used).
 const LOAD: &str = "
-WITH RECURSIVE ins AS (
+WITH RECURSIVE epoch AS (
+    SELECT epoch, epoch IS DISTINCT FROM $12::bigint AS moved FROM state_epoch
+), asked AS (
+    SELECT p FROM UNNEST($1::text[]) AS k(p)
+    UNION ALL
+    SELECT p FROM UNNEST($13::text[]) AS k(p)
+    WHERE COALESCE((SELECT moved FROM epoch), true)
+), ins AS (
     SELECT i.pseudonym, i.died_on, i.replaced_by, 1 AS depth
-    FROM UNNEST($1::text[]) AS k(p)
+    FROM asked AS k
     CROSS JOIN LATERAL (SELECT pseudonym, died_on, replaced_by FROM insured
                         WHERE pseudonym = k.p OFFSET 0) i
     UNION ALL
@@ -183,7 +195,7 @@ WITH RECURSIVE ins AS (
                         WHERE pseudonym = ins.replaced_by OFFSET 0) i
     WHERE ins.depth < 5
 ), pseudo AS (
-    SELECT p FROM UNNEST($1::text[]) AS k(p)
+    SELECT p FROM asked
     UNION SELECT replaced_by FROM ins WHERE replaced_by IS NOT NULL
 ), rel AS (
     SELECT r.* FROM pseudo
@@ -232,7 +244,9 @@ WITH RECURSIVE ins AS (
                         FROM inbox WHERE sender = k.s AND message_id = k.m OFFSET 0) i
 ), spare AS (
     SELECT nextval('dossier_id_seq') AS id
-    FROM generate_series(1, $8::int - (SELECT count(*)::int FROM dos))
+    FROM generate_series(1, LEAST($8::int,
+        (SELECT count(*)::int FROM pseudo WHERE NOT EXISTS (SELECT FROM dos WHERE pseudonym = p))
+        + CASE WHEN COALESCE((SELECT moved FROM epoch), true) THEN 0 ELSE $14::int END))
 )
 SELECT * FROM
     (SELECT array_agg(pseudonym) AS ins_pseudonym, array_agg(died_on) AS ins_died_on,
@@ -259,7 +273,8 @@ SELECT * FROM
             array_agg(status) AS inbox_status, array_agg(code) AS inbox_code,
             array_agg(detail) AS inbox_detail, array_agg(result) AS inbox_result
      FROM inb) AS inb_,
-    (SELECT array_agg(id) AS spare_dossier_ids FROM spare) AS spare_";
+    (SELECT array_agg(id) AS spare_dossier_ids FROM spare) AS spare_,
+    (SELECT (SELECT epoch FROM epoch) AS state_epoch) AS epoch_";
 
 /// One column of [`LOAD`]'s row: an array, `NULL` (no rows) read as empty.
 fn column<T>(row: &PgRow, name: &str) -> sqlx::Result<Vec<T>>
@@ -311,12 +326,14 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// Loads everything `needs` names, inside the batch transaction (after its locks).
+    /// Loads everything `needs` names, inside the batch transaction (after its locks), taking
+    /// from `cache` the insured whose views are still current, and keeping there those it read.
     /// `now` is the transaction's time (`now()`), read with the batch's locks.
     pub(crate) async fn load(
         conn: &mut PgConnection,
         needs: &Needs,
         now: OffsetDateTime,
+        cache: &StateCache,
     ) -> sqlx::Result<State> {
         let mut state = State {
             now,
@@ -343,7 +360,21 @@ impl State {
             outbox: Vec::new(),
         };
 
-        let pseudonyms: Vec<&str> = needs.pseudonyms.iter().map(String::as_str).collect();
+        // A batch that replaces a NISS moves relations and dossiers between insured and reads
+        // every trajet of their dossiers through them: it reads everything from the tables.
+        let (cached_epoch, cached) = if needs.niss_replacements {
+            (i64::MIN, HashMap::new())
+        } else {
+            cache.lookup(needs.pseudonyms.iter())
+        };
+        let pseudonyms: Vec<&str> = needs
+            .pseudonyms
+            .iter()
+            .filter(|p| !cached.contains_key(*p))
+            .map(String::as_str)
+            .collect();
+        let cached_pseudonyms: Vec<&str> = cached.keys().map(String::as_str).collect();
+        let cached_without_dossier = cached.values().filter(|v| v.dossier.is_none()).count();
         let employers: Vec<&str> = needs.employers.iter().map(String::as_str).collect();
         let (org_kinds, org_ids): (Vec<&str>, Vec<&str>) = needs
             .orgs
@@ -361,7 +392,6 @@ impl State {
             .iter()
             .map(|(user, reference)| (user.as_str(), reference.as_str()))
             .unzip();
-        let new_dossiers = needs.max_new_dossiers.min(needs.pseudonyms.len());
         let row = sqlx::query(LOAD)
             .bind(&pseudonyms)
             .bind(&employers)
@@ -370,10 +400,13 @@ impl State {
             .bind(&users)
             .bind(&senders)
             .bind(&message_ids)
-            .bind(i32::try_from(new_dossiers).unwrap_or(i32::MAX))
+            .bind(i32::try_from(needs.max_new_dossiers).unwrap_or(i32::MAX))
             .bind(&ref_owners)
             .bind(&refs)
             .bind(needs.niss_replacements)
+            .bind(cached_epoch)
+            .bind(&cached_pseudonyms)
+            .bind(i32::try_from(cached_without_dossier).unwrap_or(i32::MAX))
             .fetch_one(&mut *conn)
             .await?;
 
@@ -385,7 +418,110 @@ impl State {
         state.read_trajets(&row)?;
         state.read_inbox(&row)?;
         state.spare_dossier_ids = column(&row, "spare_dossier_ids")?;
+
+        let epoch: Option<i64> = row.try_get("state_epoch")?;
+        let read: Vec<&String> = match epoch {
+            // The views are current: the statement did not read those insured.
+            Some(epoch) if epoch == cached_epoch => {
+                for (pseudonym, view) in &cached {
+                    state.take_view(pseudonym, view);
+                }
+                cache.record(cached.len(), pseudonyms.len());
+                needs
+                    .pseudonyms
+                    .iter()
+                    .filter(|p| !cached.contains_key(*p))
+                    .collect()
+            }
+            // The views are stale (or there were none): the statement read every insured.
+            _ => {
+                cache.record(0, needs.pseudonyms.len());
+                needs.pseudonyms.iter().collect()
+            }
+        };
+        if let Some(epoch) = epoch.filter(|_| cache.enabled() && !needs.niss_replacements) {
+            cache.saw_epoch(epoch);
+            for pseudonym in read {
+                if let Some(view) = state.view_of(pseudonym, epoch) {
+                    cache.keep(pseudonym.clone(), view);
+                }
+            }
+        }
         Ok(state)
+    }
+
+    /// What the rules read about one insured besides trajets, as just loaded, to keep for later
+    /// batches; `None` for an insured whose NISS was replaced or whose dossier was merged (those
+    /// are rare, and always read from the tables).
+    fn view_of(&self, pseudonym: &str, epoch: i64) -> Option<InsuredView> {
+        let facts = self.insured.get(pseudonym).cloned();
+        if facts.as_ref().is_some_and(|f| f.replaced_by.is_some()) {
+            return None;
+        }
+        let dossier = self.dossier_of(pseudonym).cloned();
+        if dossier.as_ref().is_some_and(|d| d.merged_into.is_some()) {
+            return None;
+        }
+        let relations = self.relations.get(pseudonym).cloned().unwrap_or_default();
+        let mut employer_sepp = Vec::new();
+        let mut orgs = Vec::new();
+        let mut keep_org = |key: OrgKey| {
+            if let Some(org) = self.orgs.get(&key) {
+                orgs.push(org.clone());
+            }
+        };
+        for (kind, id) in relations.keys() {
+            match kind {
+                RelKind::Oa => keep_org((OrgKind::Oa, id.clone())),
+                RelKind::Gp => keep_org((OrgKind::Gp, id.clone())),
+                RelKind::Rp => keep_org((OrgKind::Rp, id.clone())),
+                RelKind::Employer => {
+                    let sepps = self.employer_sepp.get(id).cloned().unwrap_or_default();
+                    for sepp in sepps.keys() {
+                        keep_org((OrgKind::Sepp, sepp.clone()));
+                    }
+                    employer_sepp.push((id.clone(), sepps));
+                }
+            }
+        }
+        Some(InsuredView {
+            epoch,
+            facts,
+            relations,
+            dossier,
+            employer_sepp,
+            orgs,
+        })
+    }
+
+    /// Adds a cached view to the batch's state, as if the load had read it (rows the load read
+    /// at the same epoch are the same rows, so either copy will do).
+    fn take_view(&mut self, pseudonym: &str, view: &InsuredView) {
+        if let Some(facts) = &view.facts {
+            self.insured.insert(pseudonym.to_owned(), facts.clone());
+        }
+        if !view.relations.is_empty() {
+            self.relations
+                .insert(pseudonym.to_owned(), view.relations.clone());
+        }
+        if let Some(dossier) = &view.dossier {
+            self.dossier_by_pseudonym
+                .insert(pseudonym.to_owned(), dossier.id);
+            self.dossiers.insert(dossier.id, dossier.clone());
+        }
+        for (employer, sepps) in &view.employer_sepp {
+            self.employer_sepp
+                .entry(employer.clone())
+                .or_insert_with(|| sepps.clone());
+        }
+        for org in &view.orgs {
+            if !self.orgs.contains_key(&org.key()) {
+                self.org_by_user
+                    .entry(org.broker_user.clone())
+                    .or_insert_with(|| org.key());
+                self.orgs.insert(org.key(), org.clone());
+            }
+        }
     }
 
     // ---- reading [`LOAD`]'s row: one function per table ---------------------------------------

@@ -8,6 +8,7 @@ mod idempotency;
 mod privacy;
 mod relations;
 mod runtime;
+mod state_cache;
 mod trajets;
 
 use serde_json::{Value, json};

@@ -1,0 +1,133 @@
+//! What a process keeps of the database across batches: for each insured it has met, what the
+//! rules read about them besides trajets and the inbox (facts, current relations, dossier, and
+//! the organisations and employer affiliations those relations lead to).
+//!
+//! **Why.** Loading that for every message was about half of a batch's load, which was the
+//! largest part of PostgreSQL's cost per message after the writes. On steady traffic (new
+//! versions of existing trajets) none of it changes from one batch to the next.
+//!
+//! **Why it is never stale.** Every change to the tables a view is made of moves the *state
+//! epoch* in the same transaction (statement triggers, migration `…_state_epoch.sql`), whoever
+//! writes: this process, another gateway process, a hand-run fix. A view is tagged with the epoch
+//! its rows were read at, and a batch uses it only when its own load — under the batch's locks,
+//! in one snapshot with the batch's other reads — reads that same epoch; otherwise the load has
+//! already read those insured from the tables (it asks for them conditionally, in the same
+//! statement, so a stale cache costs no extra round trip). Trajets and inbox entries are never
+//! cached: they change with every message and are read under the batch's locks as before.
+//!
+//! The views are bounded in number ([`StateCache::new`]) and hold pseudonyms, never a NISS.
+
+use crate::state::{Dossier, InsuredFacts, Org, RelKind};
+use quick_cache::sync::Cache;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use time::OffsetDateTime;
+
+/// Insured views a process keeps by default: about 1 KB each at most, so about 50 MB when full.
+pub const DEFAULT_CAPACITY: usize = 50_000;
+
+/// One insured as the rules see them, read at one state epoch.
+#[derive(Debug, Clone)]
+pub(crate) struct InsuredView {
+    /// The state epoch the rows were read at.
+    pub epoch: i64,
+    /// The `insured` row, if any.
+    pub facts: Option<InsuredFacts>,
+    /// Current relations, with their end.
+    pub relations: HashMap<(RelKind, String), OffsetDateTime>,
+    /// The insured's dossier, if any.
+    pub dossier: Option<Dossier>,
+    /// The current SEPPs of each employer the insured is related to.
+    pub employer_sepp: Vec<(String, HashMap<String, OffsetDateTime>)>,
+    /// The registered organisations the relations and affiliations name.
+    pub orgs: Vec<Org>,
+}
+
+/// The process's insured views, shared by its workers.
+pub struct StateCache {
+    /// The newest state epoch a load has read (`i64::MIN` before the first).
+    newest_epoch: AtomicI64,
+    /// `None` when disabled (capacity 0).
+    views: Option<Cache<String, Arc<InsuredView>>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl std::fmt::Debug for StateCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateCache")
+            .field("capacity", &self.views.as_ref().map(Cache::capacity))
+            .field("newest_epoch", &self.newest_epoch.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl StateCache {
+    /// A cache of at most `capacity` insured views; 0 turns it off (every batch loads all).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            newest_epoch: AtomicI64::new(i64::MIN),
+            views: (capacity > 0).then(|| Cache::new(capacity)),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Insured served from the cache, and insured loaded from the tables, since start-up.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The views of these insured read at the newest epoch this process knows, with that epoch.
+    pub(crate) fn lookup<'a>(
+        &self,
+        pseudonyms: impl Iterator<Item = &'a String>,
+    ) -> (i64, HashMap<String, Arc<InsuredView>>) {
+        let epoch = self.newest_epoch.load(Ordering::Acquire);
+        let Some(views) = &self.views else {
+            return (epoch, HashMap::new());
+        };
+        let found = pseudonyms
+            .filter_map(|p| {
+                views
+                    .get(p)
+                    .filter(|view| view.epoch == epoch)
+                    .map(|view| (p.clone(), view))
+            })
+            .collect();
+        (epoch, found)
+    }
+
+    /// A load read `epoch`; views read at older epochs stop being served.
+    pub(crate) fn saw_epoch(&self, epoch: i64) {
+        self.newest_epoch.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// Counts what a load took from the cache and from the tables.
+    pub(crate) fn record(&self, hits: usize, misses: usize) {
+        self.hits.fetch_add(hits as u64, Ordering::Relaxed);
+        self.misses.fetch_add(misses as u64, Ordering::Relaxed);
+    }
+
+    /// Keeps a view just read from the tables.
+    pub(crate) fn keep(&self, pseudonym: String, view: InsuredView) {
+        if let Some(views) = &self.views {
+            views.insert(pseudonym, Arc::new(view));
+        }
+    }
+
+    /// Whether views are kept at all.
+    pub(crate) fn enabled(&self) -> bool {
+        self.views.is_some()
+    }
+}
+
+impl Default for StateCache {
+    fn default() -> Self {
+        Self::new(DEFAULT_CAPACITY)
+    }
+}

@@ -1,0 +1,174 @@
+//! The state cache (`trio_handlers::state_cache`): what the rules read about an insured is kept
+//! across batches, and a change by any writer — the gateway, another process, a hand-run fix —
+//! is seen by the very next batch, because it moves the state epoch in its own commit.
+//!
+//! These tests drive `process_batch` directly with a context of their own, on a database the
+//! gateway set up (organisations and relations registered through the broker), so they can read
+//! the cache's counts.
+
+use crate::{OA, World, trajet};
+use serde_json::Value;
+use trio_handlers::context::Context;
+use trio_handlers::{Inbound, SourceQueue, process_batch};
+use trio_schemas::{ContentType, MessageType};
+
+/// A `trajet.upsert` from OA 300, as the runtime would hand it over.
+fn upsert_from_oa(message_id: &str, body: &Value) -> Inbound {
+    let payload = trio_schemas::decode(
+        MessageType::TrajetUpsert,
+        ContentType::Json,
+        body.to_string().as_bytes(),
+    )
+    .map_err(|e| e.to_string());
+    Inbound {
+        queue: SourceQueue::Oa,
+        user_id: Some(format!("t-oa-{OA}")),
+        message_id: message_id.to_owned(),
+        message_type: MessageType::TrajetUpsert,
+        reply_to: None,
+        traceparent: None,
+        payload,
+    }
+}
+
+/// One batch of one message; its outcome's status and code.
+async fn apply(ctx: &Context, inbound: Inbound) -> (String, Option<String>) {
+    let result = process_batch(ctx, &[inbound]).await.expect("batch");
+    let outcome = &result.outcomes[0];
+    (outcome.status.as_str().to_owned(), outcome.code.clone())
+}
+
+/// The world of the access tests, with its gateway stopped once the organisations and relations
+/// are registered: the test's own context is then the only one applying messages.
+async fn world_without_gateway(seq: u32) -> (World, Context) {
+    let mut w = World::new(seq).await;
+    w.env.stop_gateway().await.expect("gateway stops");
+    let ctx = Context::new(
+        w.env.db.clone(),
+        w.env.pseudonymiser.clone(),
+        ["guest".to_owned()],
+    );
+    (w, ctx)
+}
+
+/// Trajet `reference` at versions 1 and 2, in two batches: the first creates the insured's
+/// dossier (which moves the state epoch), the second reads the insured again and keeps the view.
+async fn warm_up(ctx: &Context, w: &World, reference: &str) {
+    for version in [1, 2] {
+        let id = format!("{reference}-{version}");
+        let body = trajet(&w.niss, reference, "rtw_ami", "en_cours", version);
+        let outcome = apply(ctx, upsert_from_oa(&id, &body)).await;
+        assert_eq!(outcome, ("accepted".to_owned(), None));
+    }
+    assert_eq!(
+        ctx.state_cache.counts(),
+        (0, 2),
+        "the dossier created by the first batch made the second read the insured again"
+    );
+}
+
+#[tokio::test]
+async fn a_later_batch_on_an_insured_reads_it_from_the_cache() {
+    let (w, ctx) = world_without_gateway(60).await;
+    warm_up(&ctx, &w, "c").await;
+    let third = apply(
+        &ctx,
+        upsert_from_oa("c-3", &trajet(&w.niss, "c", "rtw_ami", "en_cours", 3)),
+    )
+    .await;
+    assert_eq!(third, ("accepted".to_owned(), None));
+    assert_eq!(
+        ctx.state_cache.counts(),
+        (1, 2),
+        "third batch: from the cache"
+    );
+    let version: i64 = sqlx::query_scalar("SELECT version FROM trajet WHERE ref = 'c'")
+        .fetch_one(&w.env.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        version, 3,
+        "the batch served from the cache wrote its trajet"
+    );
+
+    // Off, nothing is kept: every batch reads the insured.
+    let off = Context::new(
+        w.env.db.clone(),
+        w.env.pseudonymiser.clone(),
+        ["guest".to_owned()],
+    )
+    .with_state_cache(0);
+    for version in [4, 5] {
+        let id = format!("c-{version}");
+        let body = trajet(&w.niss, "c", "rtw_ami", "en_cours", version);
+        let outcome = apply(&off, upsert_from_oa(&id, &body)).await;
+        assert_eq!(outcome, ("accepted".to_owned(), None));
+    }
+    assert_eq!(off.state_cache.counts(), (0, 2));
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn a_relation_ended_by_another_writer_is_seen_by_the_next_batch() {
+    let (w, ctx) = world_without_gateway(61).await;
+    warm_up(&ctx, &w, "e").await;
+
+    // Another writer (here a hand-run statement; another gateway process alike) ends the OA's
+    // relation, without the gateway's locks or code.
+    let ended = sqlx::query(
+        "UPDATE insured_relation SET valid_until = now() - interval '1 second' \
+         WHERE org_kind = 'oa' AND org_id = $1",
+    )
+    .bind(OA)
+    .execute(&w.env.db)
+    .await
+    .unwrap();
+    assert_eq!(ended.rows_affected(), 1);
+
+    let third = apply(
+        &ctx,
+        upsert_from_oa("e-3", &trajet(&w.niss, "e", "rtw_ami", "en_cours", 3)),
+    )
+    .await;
+    assert_eq!(
+        third,
+        ("rejected".to_owned(), Some("no_relation".to_owned())),
+        "the cached view must not outlive the relation"
+    );
+    assert_eq!(ctx.state_cache.counts(), (0, 3), "read again, not served");
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn every_table_a_view_is_made_of_moves_the_state_epoch() {
+    let w = World::new(62).await;
+    let epoch = || async {
+        sqlx::query_scalar::<_, i64>("SELECT epoch FROM state_epoch")
+            .fetch_one(&w.env.db)
+            .await
+            .unwrap()
+    };
+    for statement in [
+        "UPDATE organisation SET name = name || ' '",
+        "INSERT INTO insured (pseudonym) VALUES ('p-epoch')",
+        "UPDATE insured_relation SET valid_until = valid_until + interval '1 hour'",
+        "UPDATE employer_sepp SET valid_until = valid_until + interval '1 hour'",
+        "INSERT INTO dossier (id, number, pseudonym) VALUES (999999, 'TRIO-x', 'p-epoch')",
+    ] {
+        let before = epoch().await;
+        sqlx::query(statement).execute(&w.env.db).await.unwrap();
+        assert!(epoch().await > before, "{statement} did not move the epoch");
+    }
+    // The hot path's tables do not.
+    let before = epoch().await;
+    sqlx::query("DELETE FROM outbox")
+        .execute(&w.env.db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE trajet SET version = version")
+        .execute(&w.env.db)
+        .await
+        .unwrap();
+    assert_eq!(epoch().await, before);
+    w.env.finish().await;
+}
