@@ -83,7 +83,7 @@ pub struct Config {
     /// `TRIO_MAX_MESSAGE_BYTES`: larger bodies are dead-lettered `too_large` (default 1 MiB).
     pub max_message_bytes: usize,
     /// `TRIO_STATE_CACHE`: insured whose facts, relations and dossier the process keeps across
-    /// batches (default 50 000, about 50 MB at most; 0 turns it off). Never stale: see
+    /// batches (default 20 000, about 35 MB at most; 0 turns it off). Never stale: see
     /// `trio_handlers::state_cache`.
     pub state_cache: usize,
 }
