@@ -39,13 +39,16 @@ pub use config::Config;
 pub use serve::serve;
 
 /// Installs the log subscriber: human-readable lines on stderr, level from `RUST_LOG`
-/// (default `info`). Logs carry pseudonyms and codes, never a NISS or a payload.
+/// (default `info`), coloured only on a terminal (a file or journald gets plain text). Logs
+/// carry pseudonyms and codes, never a NISS or a payload.
 pub fn init_logging() {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,lapin::returned_messages=error")
     });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -1,4 +1,5 @@
-//! A `serve` process stopped with SIGTERM closes its broker connections cleanly.
+//! A `serve` process stopped with SIGTERM closes its broker connections cleanly, and its log,
+//! written to a file, is plain text.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -36,6 +37,15 @@ async fn sigterm_closes_the_broker_connections_without_a_warning() {
         assert!(
             !text.contains("promise has vanished"),
             "lapin warned about a connection the gateway dropped (life {life}):\n{text}"
+        );
+        // Written to a file, not a terminal: plain text, without colour escape codes.
+        assert!(
+            text.contains("trio-gateway stopped"),
+            "the log has its lines:\n{text}"
+        );
+        assert!(
+            !text.contains('\u{1b}'),
+            "a log written to a file has terminal escape codes:\n{text}"
         );
     }
     env.finish().await;
