@@ -76,7 +76,8 @@ pub async fn list(config: &Config, limit: usize) -> anyhow::Result<Vec<DeadLette
         let Some(message) = got else { break };
         out.push(info_of(&message.delivery));
     }
-    let _ = channel.close(200, "listed").await;
+    broker::close_channel(channel, "listed", config.broker_timeout).await;
+    broker::close_pool(&pool, config.broker_timeout).await;
     Ok(out)
 }
 
@@ -187,6 +188,8 @@ pub async fn replay(config: &Config, selection: &Selection) -> anyhow::Result<us
             break;
         }
     }
-    let _ = channel.close(200, "replayed").await;
+    broker::close_channel(channel, "replayed", config.broker_timeout).await;
+    broker::close_channel(publisher, "replayed", config.broker_timeout).await;
+    broker::close_pool(&pool, config.broker_timeout).await;
     Ok(replayed)
 }

@@ -71,6 +71,9 @@ pub async fn run(deps: RelayDeps, queue: Arc<Mutex<mpsc::Receiver<Vec<OutboxEntr
         };
         deliver(&deps, &mut channel, round).await;
     }
+    if let Some(channel) = channel {
+        broker::close_channel(channel, "relay stopped", deps.broker_timeout).await;
+    }
     debug!("relay stopped");
 }
 
@@ -265,6 +268,9 @@ pub async fn sweep(deps: RelayDeps, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+    if let Some(channel) = channel {
+        broker::close_channel(channel, "sweeper stopped", deps.broker_timeout).await;
     }
 }
 

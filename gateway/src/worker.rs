@@ -115,7 +115,8 @@ async fn session(id: usize, deps: &WorkerDeps) -> anyhow::Result<()> {
         let first = tokio::select! {
             biased;
             _ = deps.shutdown.cancelled() => {
-                let _ = channel.close(200, "shutdown").await;
+                broker::close_channel(channel, "shutdown", limit).await;
+                broker::close_channel(publisher, "shutdown", limit).await;
                 return Ok(());
             }
             next = deliveries.next() => next,

@@ -685,7 +685,7 @@ impl GatewayProcess {
             .env("TRIO_OPERATOR_USERS", "guest")
             .env(
                 "RUST_LOG",
-                "warn,lapin=off,trio_gateway::serve=info,trio_gateway::relay=error,trio_gateway::worker=error",
+                "warn,lapin=error,trio_gateway::serve=info,trio_gateway::relay=error,trio_gateway::worker=error",
             );
         let process = ChildProcess::spawn(command, &dir.join(format!("{label}.log")))
             .with_context(|| format!("starting {}", exe.display()))?;
