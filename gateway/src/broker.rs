@@ -56,10 +56,10 @@ pub fn pool(config: &Config, name: &str, size: usize) -> anyhow::Result<Pool> {
 }
 
 /// Closes a channel and waits for the broker's `close-ok` (bounded by `limit`), ignoring a
-/// channel already closed. Every channel must be closed this way before [`close_pool`] closes its
-/// connection: a channel merely dropped is closed by lapin in the background, and when its
-/// `close-ok` reaches lapin together with the connection's, lapin 2.5 removes the channel twice and
-/// logs `ERROR lapin::channels: Connection error error=invalid channel: N` on a clean stop.
+/// channel already closed. Every channel must be closed this way before [`close_pool`] closes
+/// its connection: a channel merely dropped is closed by lapin in the background, and when its
+/// `close-ok` reaches lapin together with the connection's, lapin 2.5 removes the channel twice
+/// and logs `ERROR lapin::channels: Connection error error=invalid channel: N` on a clean stop.
 pub async fn close_channel(channel: Channel, reason: &str, limit: Duration) {
     if channel.status().connected() {
         let _ = timed(limit, "channel.close", channel.close(200, reason)).await;
@@ -67,8 +67,9 @@ pub async fn close_channel(channel: Channel, reason: &str, limit: Duration) {
 }
 
 /// Closes the pool and its idle connections with a clean `connection.close`, once nothing uses
-/// them (and their channels are closed: [`close_channel`]). Dropping a lapin connection instead leaves its I/O thread to resolve promises nobody
-/// awaits any more, and it warns about each ("promise has vanished") on every shutdown.
+/// them and their channels are closed ([`close_channel`]). Dropping a lapin connection instead
+/// leaves its I/O thread to resolve promises nobody awaits any more, and it warns about each
+/// ("promise has vanished") on every shutdown.
 pub async fn close_pool(pool: &Pool, limit: Duration) {
     for connection in pool.retain(|_, _| false).removed {
         let _ = timed(limit, "connection.close", connection.close(200, "shutdown")).await;
