@@ -4,31 +4,50 @@
 //!
 //! These tests drive `process_batch` directly with a context of their own, on a database the
 //! gateway set up (organisations and relations registered through the broker), so they can read
-//! the cache's counts.
+//! the cache's counts and compose a batch. The last one checks the load's other per-batch
+//! reckoning, the dossier ids it sets aside for a batch that mixes insured with and without a
+//! dossier.
 
 use crate::{OA, World, trajet};
 use serde_json::Value;
+use serde_json::json;
 use trio_handlers::context::Context;
 use trio_handlers::{Inbound, SourceQueue, process_batch};
 use trio_schemas::{ContentType, MessageType};
+use trio_tests::synthetic_niss;
 
-/// A `trajet.upsert` from OA 300, as the runtime would hand it over.
-fn upsert_from_oa(message_id: &str, body: &Value) -> Inbound {
-    let payload = trio_schemas::decode(
-        MessageType::TrajetUpsert,
-        ContentType::Json,
-        body.to_string().as_bytes(),
-    )
-    .map_err(|e| e.to_string());
+/// A JSON message as the runtime would hand it over.
+fn inbound(
+    queue: SourceQueue,
+    user: &str,
+    message_type: MessageType,
+    message_id: &str,
+    body: &Value,
+) -> Inbound {
+    let payload =
+        trio_schemas::decode(message_type, ContentType::Json, body.to_string().as_bytes())
+            .map_err(|e| e.to_string());
     Inbound {
-        queue: SourceQueue::Oa,
-        user_id: Some(format!("t-oa-{OA}")),
+        queue,
+        user_id: Some(user.to_owned()),
         message_id: message_id.to_owned(),
-        message_type: MessageType::TrajetUpsert,
+        message_type,
         reply_to: None,
         traceparent: None,
         payload,
     }
+}
+
+/// A `trajet.upsert` from OA 300.
+fn upsert_from_oa(message_id: &str, body: &Value) -> Inbound {
+    let user = format!("t-oa-{OA}");
+    inbound(
+        SourceQueue::Oa,
+        &user,
+        MessageType::TrajetUpsert,
+        message_id,
+        body,
+    )
 }
 
 /// One batch of one message; its outcome's status and code.
@@ -170,5 +189,44 @@ async fn every_table_a_view_is_made_of_moves_the_state_epoch() {
         .await
         .unwrap();
     assert_eq!(epoch().await, before);
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn a_batch_mixing_insured_with_and_without_a_dossier_has_an_id_for_each_new_one() {
+    let (mut w, ctx) = world_without_gateway(63).await;
+    let newcomer = synthetic_niss(63_063);
+    let open = |id: &str, niss: &str| {
+        let user = format!("t-oa-{OA}");
+        let body = json!({"niss": niss});
+        inbound(SourceQueue::Oa, &user, MessageType::DossierOpen, id, &body)
+    };
+    // The world's insured gets a dossier; the newcomer is related to the OA, without one.
+    let opened = process_batch(&ctx, &[open("m-1", &w.niss)]).await.unwrap();
+    assert_eq!(opened.outcomes[0].status.as_str(), "accepted");
+    w.env.start_gateway();
+    let relation = json!({"kind": "insured_oa", "niss": newcomer, "oa": OA});
+    w.env.relate(&mut w.operator, relation).await;
+    w.env.stop_gateway().await.unwrap();
+
+    // One batch: a dossier.open for the newcomer (it may create a dossier) and a relation.set on
+    // the insured who has one (it may not). One id must be set aside for the newcomer.
+    let refresh = json!({"relation": {"kind": "insured_gp", "niss": w.niss, "gp": crate::GP}});
+    let batch = [
+        open("m-2", &newcomer),
+        inbound(
+            SourceQueue::Reference,
+            "guest",
+            MessageType::RelationSet,
+            "m-3",
+            &refresh,
+        ),
+    ];
+    let result = process_batch(&ctx, &batch)
+        .await
+        .expect("the batch commits as one, without falling back to message by message");
+    let statuses: Vec<&str> = result.outcomes.iter().map(|o| o.status.as_str()).collect();
+    assert_eq!(statuses, ["accepted", "accepted"]);
+    assert_eq!(crate::count(&w.env, "dossier").await, 2);
     w.env.finish().await;
 }
