@@ -139,7 +139,7 @@ pub async fn declare(config: &Config, pool: &deadpool_lapin::Pool) -> anyhow::Re
         let result = async {
             let channel = broker::channel(pool, config.broker_timeout).await?;
             broker::declare_topology(&channel, config).await?;
-            let _ = channel.close(200, "declared").await;
+            broker::close_channel(channel, "declared", config.broker_timeout).await;
             anyhow::Ok(())
         }
         .await;

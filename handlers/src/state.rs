@@ -420,30 +420,28 @@ impl State {
         state.spare_dossier_ids = column(&row, "spare_dossier_ids")?;
 
         let epoch: Option<i64> = row.try_get("state_epoch")?;
-        let read: Vec<&String> = match epoch {
-            // The views are current: the statement did not read those insured.
+        let everyone: Vec<&str>;
+        let read: &[&str] = match epoch {
+            // The views are current: the statement read only the others.
             Some(epoch) if epoch == cached_epoch => {
                 for (pseudonym, view) in &cached {
                     state.take_view(pseudonym, view);
                 }
                 cache.record(cached.len(), pseudonyms.len());
-                needs
-                    .pseudonyms
-                    .iter()
-                    .filter(|p| !cached.contains_key(*p))
-                    .collect()
+                &pseudonyms
             }
             // The views are stale (or there were none): the statement read every insured.
             _ => {
                 cache.record(0, needs.pseudonyms.len());
-                needs.pseudonyms.iter().collect()
+                everyone = needs.pseudonyms.iter().map(String::as_str).collect();
+                &everyone
             }
         };
         if let Some(epoch) = epoch.filter(|_| cache.enabled() && !needs.niss_replacements) {
             cache.saw_epoch(epoch);
-            for pseudonym in read {
+            for &pseudonym in read {
                 if let Some(view) = state.view_of(pseudonym, epoch) {
-                    cache.keep(pseudonym.clone(), view);
+                    cache.keep(pseudonym.to_owned(), view);
                 }
             }
         }
