@@ -366,7 +366,7 @@ fn return_key(exchange: &str, routing_key: &str, message_id: Option<&ShortString
 /// The returned message lapin attaches to a confirmation is not necessarily that publish's own:
 /// lapin hands the oldest waiting return to whichever confirmation it completes next, and a
 /// `multiple` ack completes several in no particular order. So a returned message was matched
-/// to the wrong publish, and the unroutable one counted as confirmed: its outbox row deleted,
+/// to the wrong publish, and the unroutable one counted as confirmed (never kept for a retry):
 /// the message lost. Returns are therefore matched by their exchange, routing key and
 /// `message_id`; messages alike in all three are interchangeable.
 fn classify(sent: &[ReturnKey], answers: Vec<(bool, Option<ReturnKey>)>) -> Vec<Published> {

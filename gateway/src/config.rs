@@ -68,12 +68,12 @@ pub struct Config {
     /// `TRIO_BATCH_LINGER_MS`: how long a worker waits to fill a batch once it has one delivery
     /// (default 2 ms: under load batches fill at once, at low load latency stays low).
     pub batch_linger: Duration,
-    /// `TRIO_PREFETCH`: unacknowledged deliveries per consumer (default 2 × batch size).
+    /// `TRIO_PREFETCH`: unacknowledged deliveries per consumer (default 3 × batch size).
     pub prefetch: u16,
     /// `TRIO_DELIVERY_LIMIT`: deliveries of a failing message before it is dead-lettered
     /// (default 5); the queues' own `x-delivery-limit` is set one higher as a backstop.
     pub delivery_limit: u32,
-    /// `TRIO_RELAYS`: concurrent outbox publishers (default = workers).
+    /// `TRIO_RELAYS`: concurrent publishers of committed batches (default = workers).
     pub relays: usize,
     /// `TRIO_BROKER_TIMEOUT_MS`: the longest any broker call may take (default 10 s).
     pub broker_timeout: Duration,
@@ -93,10 +93,10 @@ fn default_db_pool_size(workers: usize) -> u32 {
     u32::try_from(workers + 2).unwrap_or(16)
 }
 
-/// Unacknowledged deliveries per consumer by default: a batch being processed, and the next one
-/// already buffered.
+/// Unacknowledged deliveries per consumer by default: a batch waiting for its confirms (it is
+/// acknowledged only then), one being processed, and the next one already buffered.
 fn default_prefetch(batch_size: usize) -> u16 {
-    u16::try_from(batch_size * 2).unwrap_or(u16::MAX)
+    u16::try_from(batch_size * 3).unwrap_or(u16::MAX)
 }
 
 impl Default for Config {

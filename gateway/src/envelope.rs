@@ -156,6 +156,7 @@ pub fn check(queue: SourceQueue, delivery: &Delivery, max_bytes: usize) -> Check
             .map(|r| r.as_str().to_owned())
             .filter(|r| !r.is_empty()),
         traceparent: header_str(delivery, "traceparent"),
+        redelivered: delivery.redelivered,
         payload,
     }))
 }

@@ -5,9 +5,10 @@
 //!
 //! ```text
 //! consume ([`worker`]) → read envelope ([`envelope`]; unreadable → [`dead_letter`])
-//!   → decode (trio-schemas) → authenticate, validate, pseudonymise, authorise, apply + outbox
-//!     in one transaction per batch (trio-handlers) → ack (multiple) → publish with confirms
-//!     ([`relay`])
+//!   → decode (trio-schemas) → authenticate, validate, pseudonymise, authorise, apply, and
+//!     keep the outbound messages in the inbox rows, in one transaction per batch (trio-handlers)
+//!   → publish with confirms ([`relay`]; returned or refused → outbox table, swept)
+//!   → ack (multiple) once settled, batches in commit order ([`worker`])
 //! ```
 //!
 //! - [`config`]: `TRIO_*` environment settings;

@@ -1,18 +1,21 @@
-//! The outbox relay: publishes committed replies and events with publisher confirms and
-//! `mandatory`, and deletes each outbox row only once the broker confirmed it.
+//! The relays: publish committed replies and events with publisher confirms and `mandatory`.
 //!
-//! Two paths feed it:
-//! - **fast path**: the worker that committed a batch hands its outbox over in memory (the rows
-//!   are claimed by this process for 30 s, so no other relay touches them meanwhile);
-//! - **sweeper**: every second, rows whose claim expired (a crashed process, a nack, an
-//!   unroutable message waiting for its recipient's queue) are claimed with
+//! Two paths feed them:
+//! - **fast path** ([`run`]): the worker that committed a batch hands its outbound messages over
+//!   in memory ([`Handoff`]) and acknowledges the batch's inbound messages once the relay says
+//!   they are settled: every one confirmed by the broker, or, when the broker returned it (no
+//!   queue bound for the recipient) or refused it, inserted in the outbox table for the sweeper.
+//!   The batch's inbox rows keep the messages, so a batch committed but never settled (a crash,
+//!   a lost channel, a stop past the grace period) is delivered again by the broker and the
+//!   gateway publishes them again from there (`trio_handlers::batch`);
+//! - **sweeper** ([`sweep`]): every second, outbox rows whose claim expired (a message returned
+//!   a minute ago, a nack, a row left by a crashed process) are claimed with
 //!   `FOR UPDATE SKIP LOCKED` and published again — with the same `message_id`.
 //!
-//! Confirmed rows are deleted by one task per process, [`delete_confirmed`], which gathers the
-//! rounds of every relay for up to [`DELETE_LINGER`] and deletes them in one statement: at
-//! moderate load, publish rounds are small and a transaction per round cost PostgreSQL more
-//! than the deletes themselves. A row whose delete is late or lost is still claimed by this
-//! process for 30 s, and then published again by a sweeper, with the same `message_id`.
+//! Rows the sweeper got confirmed are deleted by one task per process, [`delete_confirmed`],
+//! which gathers them for up to [`DELETE_LINGER`] and deletes them in one statement. A row whose
+//! delete is late or lost is still claimed for 30 s, and then published again by a sweeper,
+//! with the same `message_id`.
 
 use crate::broker::{self, Published};
 use crate::worker::backoff;
@@ -21,7 +24,7 @@ use lapin::Channel;
 use sqlx::{PgPool, Row};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use trio_handlers::{OutboundMessage, OutboxEntry};
@@ -36,6 +39,9 @@ pub const DELETE_LINGER: Duration = Duration::from_millis(100);
 /// The most rows one delete statement removes.
 const MAX_DELETE: usize = 10_000;
 
+/// How long a returned (unroutable) message waits in the outbox before the sweeper tries again.
+const RETURNED_RETRY_SECONDS: f64 = 60.0;
+
 /// Shared by every relay task of the process.
 #[derive(Clone)]
 pub struct RelayDeps {
@@ -45,31 +51,52 @@ pub struct RelayDeps {
     pub publish_pool: deadpool_lapin::Pool,
     /// The longest a broker call may take.
     pub broker_timeout: Duration,
-    /// Cancelled when the shutdown grace period is over: stop retrying (rows stay committed in
-    /// the outbox and are published at the next start).
+    /// Cancelled when the shutdown grace period is over: stop retrying (unsettled batches stay
+    /// unacknowledged, and their inbound messages are delivered again at the next start).
     pub hard_stop: CancellationToken,
-    /// The ids of confirmed rows, to [`delete_confirmed`].
+    /// The ids of outbox rows the sweeper got confirmed, to [`delete_confirmed`].
     pub confirmed: mpsc::Sender<Vec<i64>>,
 }
 
+/// A committed batch's outbound messages, handed to the relays by the worker that committed it.
+#[derive(Debug)]
+pub struct Handoff {
+    /// The messages, as committed.
+    pub messages: Vec<OutboundMessage>,
+    /// Sent once every message is settled (confirmed, or kept in the outbox table): the worker
+    /// may then acknowledge the batch. Dropped unsent when the relay gave up at the end of the
+    /// shutdown grace period, so that the batch stays unacknowledged.
+    pub settled: oneshot::Sender<()>,
+}
+
 /// Runs one relay task until every worker has stopped and the queue is drained.
-pub async fn run(deps: RelayDeps, queue: Arc<Mutex<mpsc::Receiver<Vec<OutboxEntry>>>>) {
+pub async fn run(deps: RelayDeps, queue: Arc<Mutex<mpsc::Receiver<Handoff>>>) {
     let mut channel: Option<Channel> = None;
     loop {
         let round = {
             let mut rx = queue.lock().await;
-            let Some(mut round) = rx.recv().await else {
+            let Some(first) = rx.recv().await else {
                 break;
             };
-            while round.len() < MAX_ROUND {
+            let mut count = first.messages.len();
+            let mut round = vec![first];
+            while count < MAX_ROUND {
                 match rx.try_recv() {
-                    Ok(more) => round.extend(more),
+                    Ok(more) => {
+                        count += more.messages.len();
+                        round.push(more);
+                    }
                     Err(_) => break,
                 }
             }
             round
         };
-        deliver(&deps, &mut channel, round).await;
+        if settle(&deps, &mut channel, &round).await {
+            for handoff in round {
+                // A worker that stopped waiting (its session ended) no longer needs to know.
+                let _ = handoff.settled.send(());
+            }
+        }
     }
     if let Some(channel) = channel {
         broker::close_channel(channel, "relay stopped", deps.broker_timeout).await;
@@ -77,70 +104,168 @@ pub async fn run(deps: RelayDeps, queue: Arc<Mutex<mpsc::Receiver<Vec<OutboxEntr
     debug!("relay stopped");
 }
 
-/// Publishes a round until the broker has answered for every message, then records the answers.
-async fn deliver(deps: &RelayDeps, channel: &mut Option<Channel>, round: Vec<OutboxEntry>) {
+/// Publishes a round of handoffs and keeps in the outbox table what the broker did not take.
+/// `false` when the shutdown grace period ended first.
+async fn settle(deps: &RelayDeps, channel: &mut Option<Channel>, round: &[Handoff]) -> bool {
+    let messages: Vec<&OutboundMessage> = round.iter().flat_map(|h| &h.messages).collect();
+    let Some(results) = publish_until_answered(deps, channel, &messages).await else {
+        return false;
+    };
+    let mut returned = Vec::new();
+    let mut nacked = Vec::new();
+    for (message, result) in messages.into_iter().zip(results) {
+        match result {
+            Published::Confirmed => {}
+            Published::Returned => returned.push(message),
+            Published::Nacked => nacked.push(message),
+        }
+    }
+    if returned.is_empty() && nacked.is_empty() {
+        return true;
+    }
+    warn_unconfirmed(returned.len(), nacked.len());
+    keep_unconfirmed(deps, &returned, &nacked).await
+}
+
+fn warn_unconfirmed(returned: usize, nacked: usize) {
+    if returned > 0 {
+        warn!(
+            count = returned,
+            "outbound messages unroutable (no queue bound for the recipient); kept in the outbox and retried in a minute"
+        );
+    }
+    if nacked > 0 {
+        warn!(
+            count = nacked,
+            "outbound messages refused by the broker; kept in the outbox and retried"
+        );
+    }
+}
+
+/// Inserts what the broker returned or refused in the outbox table, for the sweeper, retrying
+/// while the database is unavailable. `false` when the shutdown grace period ended first.
+async fn keep_unconfirmed(
+    deps: &RelayDeps,
+    returned: &[&OutboundMessage],
+    nacked: &[&OutboundMessage],
+) -> bool {
     let mut delays = backoff();
-    let results = loop {
-        let started = std::time::Instant::now();
-        match publish_round(deps, channel, &round).await {
-            Ok(results) => {
-                let took = started.elapsed();
-                if took >= trio_handlers::batch::SLOW_BATCH {
-                    warn!(
-                        messages = round.len(),
-                        ms = took.as_millis() as u64,
-                        "slow publish round: the broker took this long to confirm"
-                    );
-                }
-                break results;
-            }
+    loop {
+        match insert_unconfirmed(&deps.db, returned, nacked).await {
+            Ok(()) => return true,
             Err(e) => {
-                *channel = None;
                 if deps.hard_stop.is_cancelled() {
-                    warn!(
-                        messages = round.len(),
-                        "shutdown grace period over; unpublished messages stay in the outbox"
-                    );
-                    return;
+                    warn!(error = %e, "shutdown grace period over; the batch stays unacknowledged and is published again at the next start");
+                    return false;
                 }
                 let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                warn!(error = %format!("{e:#}"), ?delay, messages = round.len(), "publishing the outbox failed; retrying");
+                warn!(error = %e, ?delay, "keeping unconfirmed messages in the outbox failed; retrying");
                 tokio::select! {
                     _ = deps.hard_stop.cancelled() => {}
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
-    };
-    let mut confirmed = Vec::new();
-    let mut returned = Vec::new();
-    let mut nacked = Vec::new();
-    for (entry, result) in round.iter().zip(results) {
-        let message = &entry.message;
-        debug!(message_id = %message.message_id, correlation_id = message.correlation_id.as_deref().unwrap_or(""), routing_key = %message.routing_key, ?result, "published");
-        match result {
-            Published::Confirmed => confirmed.push(entry.id),
-            Published::Returned => returned.push(entry.id),
-            Published::Nacked => nacked.push(entry.id),
+    }
+}
+
+/// One transaction with synchronous commit: the inbound acknowledgement follows it, so the rows
+/// must outlive a database crash (the relay's connections otherwise do not wait for the WAL).
+async fn insert_unconfirmed(
+    db: &PgPool,
+    returned: &[&OutboundMessage],
+    nacked: &[&OutboundMessage],
+) -> sqlx::Result<()> {
+    let mut tx = db.begin().await?;
+    sqlx::query("SET LOCAL synchronous_commit = on")
+        .execute(&mut *tx)
+        .await?;
+    for (messages, retry_in) in [(returned, RETURNED_RETRY_SECONDS), (nacked, 0.0)] {
+        if messages.is_empty() {
+            continue;
+        }
+        let m = messages;
+        sqlx::query(
+            "INSERT INTO outbox (message_id, exchange, routing_key, type, content_type, \
+                                 correlation_id, traceparent, body, claimed_until, attempts) \
+             SELECT *, now() + make_interval(secs => $9), 1 \
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                         $6::text[], $7::text[], $8::bytea[])",
+        )
+        .bind(m.iter().map(|m| m.message_id).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.exchange.as_str()).collect::<Vec<_>>())
+        .bind(m.iter().map(|m| m.routing_key.as_str()).collect::<Vec<_>>())
+        .bind(
+            m.iter()
+                .map(|m| m.message_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            m.iter()
+                .map(|m| m.content_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            m.iter()
+                .map(|m| m.correlation_id.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            m.iter()
+                .map(|m| m.traceparent.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(m.iter().map(|m| m.body.as_slice()).collect::<Vec<_>>())
+        .bind(retry_in)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// Publishes `messages` until the broker has answered for every one. `None` when the shutdown
+/// grace period ended first.
+async fn publish_until_answered(
+    deps: &RelayDeps,
+    channel: &mut Option<Channel>,
+    messages: &[&OutboundMessage],
+) -> Option<Vec<Published>> {
+    let mut delays = backoff();
+    loop {
+        let started = std::time::Instant::now();
+        match publish_round(deps, channel, messages).await {
+            Ok(results) => {
+                let took = started.elapsed();
+                if took >= trio_handlers::batch::SLOW_BATCH {
+                    warn!(
+                        messages = messages.len(),
+                        ms = took.as_millis() as u64,
+                        "slow publish round: the broker took this long to confirm"
+                    );
+                }
+                for (message, result) in messages.iter().zip(&results) {
+                    debug!(message_id = %message.message_id, correlation_id = message.correlation_id.as_deref().unwrap_or(""), routing_key = %message.routing_key, ?result, "published");
+                }
+                return Some(results);
+            }
+            Err(e) => {
+                *channel = None;
+                if deps.hard_stop.is_cancelled() {
+                    warn!(
+                        messages = messages.len(),
+                        "shutdown grace period over; unpublished messages are published again at the next start"
+                    );
+                    return None;
+                }
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                warn!(error = %format!("{e:#}"), ?delay, messages = messages.len(), "publishing failed; retrying");
+                tokio::select! {
+                    _ = deps.hard_stop.cancelled() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
         }
     }
-    if !returned.is_empty() {
-        warn!(
-            count = returned.len(),
-            "outbound messages unroutable (no queue bound for the recipient); kept in the outbox and retried in a minute"
-        );
-    }
-    if !confirmed.is_empty() && deps.confirmed.send(confirmed).await.is_err() {
-        // Only when the deleter has stopped: the sweeper publishes the rows again.
-        warn!("the outbox deleter has stopped; confirmed rows stay until swept");
-    }
-    if returned.is_empty() && nacked.is_empty() {
-        return;
-    }
-    retry_writes(&deps.hard_stop, "releasing unconfirmed outbox rows", || {
-        release(&deps.db, &returned, &nacked)
-    })
-    .await;
 }
 
 /// Runs `write` until it succeeds, 20 attempts at most with backoff, fewer if the shutdown grace
@@ -168,8 +293,8 @@ async fn retry_writes<F: Future<Output = sqlx::Result<()>>>(
     warn!("gave up {what}; those messages will be published again");
 }
 
-/// Deletes the confirmed rows the relays send, gathering them for up to [`DELETE_LINGER`] (or
-/// [`MAX_DELETE`] rows) per statement, until every relay and sweeper has stopped.
+/// Deletes the confirmed rows the sweeper sends, gathering them for up to [`DELETE_LINGER`] (or
+/// [`MAX_DELETE`] rows) per statement, until the sweeper has stopped.
 pub async fn delete_confirmed(
     db: PgPool,
     mut confirmed: mpsc::Receiver<Vec<i64>>,
@@ -190,7 +315,7 @@ pub async fn delete_confirmed(
 async fn publish_round(
     deps: &RelayDeps,
     channel: &mut Option<Channel>,
-    round: &[OutboxEntry],
+    round: &[&OutboundMessage],
 ) -> anyhow::Result<Vec<Published>> {
     let ch = match channel {
         Some(ch) if ch.status().connected() => ch.clone(),
@@ -202,7 +327,7 @@ async fn publish_round(
     };
     let messages: Vec<_> = round
         .iter()
-        .map(|OutboxEntry { message: m, .. }| {
+        .map(|m| {
             (
                 m.exchange.clone(),
                 m.routing_key.clone(),
@@ -232,10 +357,11 @@ async fn gather(confirmed: &mut mpsc::Receiver<Vec<i64>>) -> Option<Vec<i64>> {
 async fn release(db: &PgPool, returned: &[i64], nacked: &[i64]) -> sqlx::Result<()> {
     if !returned.is_empty() {
         sqlx::query(
-            "UPDATE outbox SET claimed_until = now() + interval '60 seconds' \
+            "UPDATE outbox SET claimed_until = now() + make_interval(secs => $2) \
              WHERE id = ANY($1)",
         )
         .bind(returned)
+        .bind(RETURNED_RETRY_SECONDS)
         .execute(db)
         .await?;
     }
@@ -256,7 +382,7 @@ pub async fn sweep(deps: RelayDeps, shutdown: CancellationToken) {
             Ok(round) if !round.is_empty() => {
                 let full = round.len() == MAX_ROUND;
                 debug!(count = round.len(), "sweeper re-publishing outbox rows");
-                deliver(&deps, &mut channel, round).await;
+                deliver_swept(&deps, &mut channel, round).await;
                 if full {
                     continue;
                 }
@@ -272,6 +398,37 @@ pub async fn sweep(deps: RelayDeps, shutdown: CancellationToken) {
     if let Some(channel) = channel {
         broker::close_channel(channel, "sweeper stopped", deps.broker_timeout).await;
     }
+}
+
+/// Publishes swept rows; confirmed ones go to [`delete_confirmed`], the others wait again.
+async fn deliver_swept(deps: &RelayDeps, channel: &mut Option<Channel>, round: Vec<OutboxEntry>) {
+    let messages: Vec<&OutboundMessage> = round.iter().map(|e| &e.message).collect();
+    let Some(results) = publish_until_answered(deps, channel, &messages).await else {
+        // The rows stay claimed, and are swept again when the claim expires.
+        return;
+    };
+    let mut confirmed = Vec::new();
+    let mut returned = Vec::new();
+    let mut nacked = Vec::new();
+    for (entry, result) in round.iter().zip(results) {
+        match result {
+            Published::Confirmed => confirmed.push(entry.id),
+            Published::Returned => returned.push(entry.id),
+            Published::Nacked => nacked.push(entry.id),
+        }
+    }
+    warn_unconfirmed(returned.len(), nacked.len());
+    if !confirmed.is_empty() && deps.confirmed.send(confirmed).await.is_err() {
+        // Only when the deleter has stopped: the sweeper publishes the rows again.
+        warn!("the outbox deleter has stopped; confirmed rows stay until swept");
+    }
+    if returned.is_empty() && nacked.is_empty() {
+        return;
+    }
+    retry_writes(&deps.hard_stop, "releasing unconfirmed outbox rows", || {
+        release(&deps.db, &returned, &nacked)
+    })
+    .await;
 }
 
 /// Claims up to [`MAX_ROUND`] expired rows for this process (30 s).

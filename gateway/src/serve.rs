@@ -1,9 +1,11 @@
 //! `serve`: migrations, topology, workers and relays, until the shutdown future completes.
 //!
-//! Shutdown: stop taking messages (workers finish their batch in flight; prefetched deliveries
-//! return to the queue when the channel closes), then the relays drain what the workers handed
-//! them and await its confirms, then return. Anything not yet published stays committed in the
-//! outbox for the next start.
+//! Shutdown: stop taking messages (workers finish their batch in flight, and acknowledge each
+//! committed batch once the relays settled its messages; prefetched deliveries return to the
+//! queue when the channel closes), then the relays, which drained what the workers handed them,
+//! return. All of it within [`SHUTDOWN_GRACE`]: a batch still unsettled then stays
+//! unacknowledged, so the broker delivers it again at the next start, and the inbox rows it
+//! committed publish its messages again.
 
 use crate::broker;
 use crate::config::Config;
@@ -21,7 +23,7 @@ use tracing::{info, warn};
 use trio_handlers::Context;
 use trio_pseudo::Pseudonymiser;
 
-/// How long the relays may keep trying to publish after shutdown was asked.
+/// How long the workers and relays may keep trying to publish after shutdown was asked.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Connects to PostgreSQL, retrying with backoff until `give_up` (forever when `None`).
@@ -39,12 +41,13 @@ pub async fn connect_db(config: &Config, give_up: Option<Duration>) -> anyhow::R
 /// never speeds up.
 const SESSION: [(&str, &str); 1] = [("jit", "off")];
 
-/// The relay's own connections, whose commits do not wait for the WAL flush
-/// (`synchronous_commit = off`). What the relay writes — an outbox row deleted once the broker
+/// The relays' own connections, whose commits do not wait for the WAL flush
+/// (`synchronous_commit = off`). What the sweeper writes — an outbox row deleted once the broker
 /// confirmed it, a claim on expired rows — may be lost in a database crash without breaking a
 /// guarantee: the row is published again with the same `message_id`, which partners already
-/// handle (CONTRACT.md §5). The batch transactions, which the inbound ack follows, stay on
-/// [`connect_db`]'s synchronous commits.
+/// handle (CONTRACT.md §5). Writes an inbound ack follows — the batch transactions, and the
+/// relays' insertion of what the broker did not take — commit synchronously (the latter sets
+/// it for its own transaction).
 ///
 /// # Errors
 /// As [`connect_db`].
@@ -232,9 +235,8 @@ pub async fn serve(
     shutdown.await;
     info!("shutdown requested: finishing in-flight batches");
     stop_consuming.cancel();
-    for w in workers {
-        let _ = w.await;
-    }
+    // The workers wait for the relays' confirms before they close their channels: the grace
+    // period bounds both.
     let grace = tokio::spawn({
         let hard_stop = hard_stop.clone();
         async move {
@@ -242,11 +244,14 @@ pub async fn serve(
             hard_stop.cancel();
         }
     });
+    for w in workers {
+        let _ = w.await;
+    }
     for r in relays {
         let _ = r.await;
     }
     let _ = sweeper.await;
-    // Every relay and the sweeper have dropped their senders: the deleter drains and stops.
+    // The sweeper has dropped its sender: the deleter drains and stops.
     let _ = deleter.await;
     grace.abort();
     broker::close_pool(&consume_pool, config.broker_timeout).await;

@@ -2,8 +2,13 @@
 //! flight. Several workers per process give several batches in flight.
 //!
 //! Per batch: read envelopes → dead-letter the unreadable (confirmed) → apply the rest in one
-//! transaction ([`trio_handlers::process_batch`]) → hand the committed outbox to the relay →
-//! ack everything with one `multiple` ack. Failures are split three ways:
+//! transaction ([`trio_handlers::process_batch`]) → hand the committed outbound messages to the
+//! relays → take the next batch. The session's acker ([`acknowledge_in_order`]) acks each batch
+//! with one `multiple` ack once the relays settled its messages (confirmed by the broker, or
+//! kept in the outbox table), batch after batch in delivery order, so a worker has its next
+//! batch in its transaction while the previous one is being confirmed. A batch committed but
+//! never acknowledged is delivered again, and its inbox rows publish its messages again.
+//! Failures are split three ways:
 //! - **transient** (database down): the same batch is retried with backoff, nothing acked;
 //! - **failed** (a bug, a panic): the batch is retried one message at a time; a message that
 //!   fails alone is requeued, and dead-lettered `delivery_limit` on its last allowed delivery;
@@ -13,6 +18,7 @@ use crate::broker;
 use crate::config::Config;
 use crate::dead_letter;
 use crate::envelope::{self, Checked, DeadLetter};
+use crate::relay::Handoff;
 use anyhow::{Context as _, anyhow};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::stream::{self, StreamExt};
@@ -24,11 +30,14 @@ use lapin::types::FieldTable;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use trio_handlers::batch::SLOW_BATCH;
-use trio_handlers::{BatchError, Context, Inbound, OutboxEntry, SourceQueue};
+use trio_handlers::{BatchError, Context, Inbound, OutboundMessage, SourceQueue};
+
+/// How many committed batches per worker may wait for the relays before the worker waits too.
+const BATCHES_AWAITING_ACK: usize = 4;
 
 /// Everything a worker shares with the rest of the process.
 #[derive(Clone)]
@@ -41,8 +50,8 @@ pub struct WorkerDeps {
     pub consume_pool: deadpool_lapin::Pool,
     /// Connections for publishing (dead letters).
     pub publish_pool: deadpool_lapin::Pool,
-    /// Committed outbox batches, to the relay.
-    pub relay: mpsc::Sender<Vec<OutboxEntry>>,
+    /// Committed batches' outbound messages, to the relays.
+    pub relay: mpsc::Sender<Handoff>,
     /// Stops taking new messages.
     pub shutdown: CancellationToken,
 }
@@ -109,15 +118,45 @@ async fn session(id: usize, deps: &WorkerDeps) -> anyhow::Result<()> {
     }
     let mut deliveries = stream::select_all(consumers);
     let publisher = broker::confirm_channel(&deps.publish_pool, limit).await?;
+    let (acks, pending) = mpsc::channel(BATCHES_AWAITING_ACK);
+    let mut acker = tokio::spawn(acknowledge_in_order(pending, {
+        let channel = channel.clone();
+        move |tag| {
+            let channel = channel.clone();
+            async move {
+                broker::timed(
+                    limit,
+                    "basic.ack multiple",
+                    channel.basic_ack(tag, BasicAckOptions { multiple: true }),
+                )
+                .await
+            }
+        }
+    }));
+    // Whatever ends the session, the acker does not outlive it.
+    let _abort_acker = AbortOnDrop(acker.abort_handle());
     info!(worker = id, "consuming");
 
     loop {
         let first = tokio::select! {
             biased;
             _ = deps.shutdown.cancelled() => {
+                // Acknowledge what the relays settle (or give up at the end of the grace
+                // period), then close: deliveries still unacknowledged return to the queue.
+                drop(acks);
+                if let Ok(Err(e)) = (&mut acker).await {
+                    warn!(worker = id, error = %format!("{e:#}"), "batches left unacknowledged at shutdown; they will be delivered again");
+                }
                 broker::close_channel(channel, "shutdown", limit).await;
                 broker::close_channel(publisher, "shutdown", limit).await;
                 return Ok(());
+            }
+            ended = &mut acker => {
+                return Err(match ended {
+                    Ok(Err(e)) => e,
+                    _ => anyhow!("the acker stopped"),
+                }
+                .context("acknowledging settled batches"));
             }
             next = deliveries.next() => next,
         };
@@ -134,8 +173,56 @@ async fn session(id: usize, deps: &WorkerDeps) -> anyhow::Result<()> {
             };
             batch.push(delivered(next)?);
         }
-        handle_batch(deps, &channel, &publisher, batch).await?;
+        handle_batch(deps, &publisher, &acks, batch).await?;
     }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A committed batch waiting for its acknowledgement.
+#[derive(Debug)]
+pub struct PendingAck {
+    /// Resolves once the relays settled the batch's outbound messages; `None` when it has none.
+    pub settled: Option<oneshot::Receiver<()>>,
+    /// The `multiple` ack that covers the batch; `None` when none of its deliveries is acked.
+    pub last_tag: Option<u64>,
+}
+
+/// Acknowledges batches in the order they were committed, each once its messages are settled:
+/// a `multiple` ack covers every earlier delivery of the channel, so a batch is never acked
+/// before the one before it. Returns when `pending` closes (everything acknowledged), or with
+/// an error when a batch will never be settled (the relays gave up at the end of the shutdown
+/// grace period) or an ack fails: the session must then end, and the broker delivers the
+/// unacknowledged messages again.
+///
+/// # Errors
+/// As said above.
+pub async fn acknowledge_in_order<F, A>(
+    mut pending: mpsc::Receiver<PendingAck>,
+    mut ack: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(u64) -> A,
+    A: Future<Output = anyhow::Result<()>>,
+{
+    while let Some(batch) = pending.recv().await {
+        if let Some(settled) = batch.settled {
+            settled
+                .await
+                .map_err(|_| anyhow!("the relays gave up publishing a committed batch"))?;
+        }
+        if let Some(tag) = batch.last_tag {
+            ack(tag).await?;
+        }
+    }
+    Ok(())
 }
 
 fn delivered(item: Option<Item>) -> anyhow::Result<(SourceQueue, Delivery)> {
@@ -156,8 +243,8 @@ enum Settle {
 
 async fn handle_batch(
     deps: &WorkerDeps,
-    channel: &Channel,
     publisher: &Channel,
+    acks: &mpsc::Sender<PendingAck>,
     batch: Vec<(SourceQueue, Delivery)>,
 ) -> anyhow::Result<()> {
     let limit = deps.config.broker_timeout;
@@ -180,20 +267,20 @@ async fn handle_batch(
     dead_letter::publish(publisher, &dead, limit).await?;
 
     let mut settle: Vec<Settle> = batch.iter().map(|_| Settle::Ack).collect();
-    let mut outbox = Vec::new();
+    let mut outbound = Vec::new();
     match process_until_not_transient(deps, &inbound).await {
         Some(Ok(result)) => {
             for (message, outcome) in inbound.iter().zip(&result.outcomes) {
                 debug!(message_id = %message.message_id, message_type = %message.message_type, status = outcome.status.as_str(), code = outcome.code.as_deref().unwrap_or(""), "outcome committed");
             }
-            outbox = result.outbox;
+            outbound = result.outbound;
         }
         Some(Err(failure)) => {
             warn!(error = %failure, messages = inbound.len(), "batch failed; retrying its messages one by one");
             let mut poison: Vec<(SourceQueue, &Delivery, DeadLetter)> = Vec::new();
             for (i, message) in positions.iter().zip(&inbound) {
                 match process_until_not_transient(deps, std::slice::from_ref(message)).await {
-                    Some(Ok(result)) => outbox.extend(result.outbox),
+                    Some(Ok(result)) => outbound.extend(result.outbound),
                     Some(Err(failure)) => {
                         let (queue, delivery) = &batch[*i];
                         let attempt = envelope::previous_deliveries(delivery) + 1;
@@ -219,10 +306,12 @@ async fn handle_batch(
         None => return Ok(()),
     }
 
-    // Committed: publish now (before the ack, so a lost channel cannot delay the replies).
-    if !outbox.is_empty() {
-        hand_to_relay(&deps.relay, outbox).await?;
-    }
+    // Committed: publish now; the batch is acknowledged once the relays settled it.
+    let settled = if outbound.is_empty() {
+        None
+    } else {
+        Some(hand_to_relay(&deps.relay, outbound).await?)
+    };
     for ((_, delivery), settle) in batch.iter().zip(&settle) {
         if let Settle::Requeue = settle {
             broker::timed(
@@ -243,32 +332,34 @@ async fn handle_batch(
         .rev()
         .find(|(_, s)| matches!(s, Settle::Ack))
         .map(|((_, delivery), _)| delivery.delivery_tag);
-    if let Some(tag) = last_acked {
-        broker::timed(
-            limit,
-            "basic.ack multiple",
-            channel.basic_ack(tag, BasicAckOptions { multiple: true }),
-        )
-        .await?;
-    }
-    Ok(())
+    acks.send(PendingAck {
+        settled,
+        last_tag: last_acked,
+    })
+    .await
+    .map_err(|_| anyhow!("the acker has stopped"))
 }
 
-/// Hands a committed outbox to the relays. Their queue is bounded, so a worker waits here while
-/// the relays are behind (back-pressure, holding the batch's deliveries unacked); a wait of
-/// [`SLOW_BATCH`] or more is logged, so that a latency tail spent here can be told from one
-/// spent in the batch ("slow batch") or in the broker's confirms ("slow publish round").
+/// Hands a committed batch's outbound messages to the relays; the receiver resolves once they
+/// are settled. The relays' queue is bounded, so a worker waits here while the relays are behind
+/// (back-pressure, holding the batch's deliveries unacked); a wait of [`SLOW_BATCH`] or more is
+/// logged, so that a latency tail spent here can be told from one spent in the batch ("slow
+/// batch") or in the broker's confirms ("slow publish round").
 async fn hand_to_relay(
-    relay: &mpsc::Sender<Vec<OutboxEntry>>,
-    outbox: Vec<OutboxEntry>,
-) -> anyhow::Result<()> {
-    let messages = outbox.len();
+    relay: &mpsc::Sender<Handoff>,
+    outbound: Vec<OutboundMessage>,
+) -> anyhow::Result<oneshot::Receiver<()>> {
+    let messages = outbound.len();
     let started = tokio::time::Instant::now();
+    let (settled, settlement) = oneshot::channel();
     relay
-        .send(outbox)
+        .send(Handoff {
+            messages: outbound,
+            settled,
+        })
         .await
-        .map_err(|_| anyhow!("the outbox relay has stopped"))
-        .context("handing the outbox to the relay")?;
+        .map_err(|_| anyhow!("the relays have stopped"))
+        .context("handing the outbound messages to the relays")?;
     let waited = started.elapsed();
     if waited >= SLOW_BATCH {
         warn!(
@@ -277,7 +368,7 @@ async fn hand_to_relay(
             "slow relay handoff: the relays were behind"
         );
     }
-    Ok(())
+    Ok(settlement)
 }
 
 /// Runs a batch, retrying while the database is unavailable. `None` if shutdown came first.
@@ -288,7 +379,7 @@ async fn process_until_not_transient(
     if batch.is_empty() {
         return Some(Ok(trio_handlers::BatchResult {
             outcomes: vec![],
-            outbox: vec![],
+            outbound: vec![],
         }));
     }
     let mut delays = backoff();
@@ -320,7 +411,6 @@ async fn process_until_not_transient(
 mod tests {
     use super::*;
     use std::sync::Mutex;
-    use trio_handlers::OutboundMessage;
 
     /// Log lines written while a test runs, on its own thread.
     #[derive(Clone, Default)]
@@ -345,22 +435,16 @@ mod tests {
         }
     }
 
-    fn entry(id: i64) -> OutboxEntry {
-        OutboxEntry {
-            id,
-            message: OutboundMessage {
-                message_id: trio_handlers::outbound::stable_message_id(&[
-                    "handoff",
-                    &id.to_string(),
-                ]),
-                exchange: String::new(),
-                routing_key: "q".into(),
-                message_type: "reply".into(),
-                content_type: "application/json".into(),
-                correlation_id: None,
-                traceparent: None,
-                body: b"{}".to_vec(),
-            },
+    fn entry(id: i64) -> OutboundMessage {
+        OutboundMessage {
+            message_id: trio_handlers::outbound::stable_message_id(&["handoff", &id.to_string()]),
+            exchange: String::new(),
+            routing_key: "q".into(),
+            message_type: "reply".into(),
+            content_type: "application/json".into(),
+            correlation_id: None,
+            traceparent: None,
+            body: b"{}".to_vec(),
         }
     }
 
@@ -409,6 +493,99 @@ mod tests {
         let (relay, queue) = mpsc::channel(1);
         drop(queue);
         let e = hand_to_relay(&relay, vec![entry(1)]).await.unwrap_err();
-        assert!(format!("{e:#}").contains("relay has stopped"), "{e:#}");
+        assert!(format!("{e:#}").contains("relays have stopped"), "{e:#}");
+    }
+
+    /// Runs [`acknowledge_in_order`] over `pending`, recording the tags it acks.
+    fn acker(
+        pending: mpsc::Receiver<PendingAck>,
+    ) -> (
+        Arc<Mutex<Vec<u64>>>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let record = acked.clone();
+        let task = tokio::spawn(acknowledge_in_order(pending, move |tag| {
+            let record = record.clone();
+            async move {
+                record.lock().map_err(|_| anyhow!("poisoned"))?.push(tag);
+                Ok(())
+            }
+        }));
+        (acked, task)
+    }
+
+    fn acked(tags: &Arc<Mutex<Vec<u64>>>) -> Vec<u64> {
+        tags.lock().unwrap().clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_is_acked_only_once_settled_and_never_before_an_earlier_one() {
+        let (acks, pending) = mpsc::channel(4);
+        let (tags, task) = acker(pending);
+        let (first_settled, first) = oneshot::channel();
+        let (second_settled, second) = oneshot::channel();
+        acks.send(PendingAck {
+            settled: Some(first),
+            last_tag: Some(200),
+        })
+        .await
+        .unwrap();
+        acks.send(PendingAck {
+            settled: Some(second),
+            last_tag: Some(400),
+        })
+        .await
+        .unwrap();
+        // A batch without outbound messages still waits for the ones before it.
+        acks.send(PendingAck {
+            settled: None,
+            last_tag: Some(450),
+        })
+        .await
+        .unwrap();
+        // Every delivery of this one was requeued: nothing to ack.
+        acks.send(PendingAck {
+            settled: None,
+            last_tag: None,
+        })
+        .await
+        .unwrap();
+
+        // The second batch is confirmed first: its `multiple` ack would cover the first's
+        // deliveries too, so nothing is acked yet.
+        second_settled.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(acked(&tags), Vec::<u64>::new());
+
+        first_settled.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(acked(&tags), vec![200, 400, 450]);
+
+        drop(acks);
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_the_relays_give_up_on_is_never_acked_nor_anything_after_it() {
+        let (acks, pending) = mpsc::channel(4);
+        let (tags, task) = acker(pending);
+        let (given_up, first) = oneshot::channel::<()>();
+        acks.send(PendingAck {
+            settled: Some(first),
+            last_tag: Some(7),
+        })
+        .await
+        .unwrap();
+        acks.send(PendingAck {
+            settled: None,
+            last_tag: Some(9),
+        })
+        .await
+        .unwrap();
+        drop(given_up);
+        let e = task.await.unwrap().unwrap_err();
+        assert!(format!("{e:#}").contains("gave up"), "{e:#}");
+        assert_eq!(acked(&tags), Vec::<u64>::new());
     }
 }

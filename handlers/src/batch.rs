@@ -10,12 +10,14 @@
 //! 4. **apply** each message in delivery order: duplicate check, sender authentication, the
 //!    message type's handler; outcome, reply and events recorded in memory;
 //! 5. **flush** (one statement for the tables every message writes, one per table for the rarer
-//!    writes), and **commit**. The caller acks after this returns.
+//!    writes), and **commit**. The caller publishes the outbound messages, and acks once the
+//!    broker confirmed them (each inbox row keeps what its message caused, so a redelivery of a
+//!    message committed but not acknowledged publishes it again).
 
 use crate::context::Context;
 use crate::inbound::{Inbound, SourceQueue};
 use crate::messages::{self, Decision, HandlerBug, Pseudonyms, Sender};
-use crate::outbound::{self, OutboxEntry};
+use crate::outbound::{self, OutboundMessage};
 use crate::outcome::{Outcome, RejectCode, Rejection};
 use crate::state::{Needs, State};
 use sha2::{Digest, Sha256};
@@ -30,8 +32,9 @@ use trio_schemas::{Message, OrgKind, RawNiss, Relation};
 pub struct BatchResult {
     /// One outcome per inbound message, in batch order.
     pub outcomes: Vec<Outcome>,
-    /// Replies and events committed in the outbox, to publish now.
-    pub outbox: Vec<OutboxEntry>,
+    /// Replies and events committed with the outcomes, to publish now; the inbound messages
+    /// are to be acknowledged only once the broker confirmed every one of them.
+    pub outbound: Vec<OutboundMessage>,
 }
 
 /// Why a batch was not committed.
@@ -384,12 +387,12 @@ pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResu
         outcomes.push(outcome);
     }
     steps.mark("apply");
-    let outbox = state.flush(&mut tx).await?;
+    let outbound = state.flush(&mut tx).await?;
     steps.mark("flush");
     tx.commit().await?;
     steps.mark("commit");
     steps.warn_if_slow(batch.len());
-    Ok(BatchResult { outcomes, outbox })
+    Ok(BatchResult { outcomes, outbound })
 }
 
 /// Step 4 for one message.
@@ -403,22 +406,25 @@ fn apply_one(
     let sender_key = inbound.sender_key();
     if let Some(first) = state.recorded_outcome(sender_key, &inbound.message_id) {
         let outcome = Outcome::duplicate_of(first);
+        state.republish_stored(sender_key, &inbound.message_id, inbound.redelivered)?;
         push_reply(state, inbound, &outcome);
         return Ok(outcome);
     }
+    let outbound_from = state.outbox.len();
     let decision = decide(ctx, state, inbound, pseudonyms, in_transit)?;
     let (outcome, dossier) = match decision {
         Decision::Done(outcome, dossier) => (outcome, dossier),
         Decision::Rejected(rejection) => (Outcome::rejected(rejection), None),
     };
+    push_reply(state, inbound, &outcome);
     state.record_outcome(
         sender_key,
         &inbound.message_id,
         inbound.message_type.as_str(),
         &outcome,
         dossier,
+        outbound_from,
     );
-    push_reply(state, inbound, &outcome);
     Ok(outcome)
 }
 

@@ -65,6 +65,9 @@ pub struct Inbound {
     pub reply_to: Option<String>,
     /// W3C `traceparent` header, carried onto what the message causes.
     pub traceparent: Option<String>,
+    /// The broker delivered it before (AMQP `redelivered`): an earlier delivery may have been
+    /// committed without its reply ever reaching the sender.
+    pub redelivered: bool,
     /// The decoded payload, or why it is not a valid payload of its type (`invalid_payload`).
     pub payload: Result<Message, String>,
 }

@@ -2,7 +2,7 @@
 //!
 //! This crate knows nothing of the broker. The runtime (`trio-gateway`) hands it batches of
 //! decoded inbound messages; it applies them in one PostgreSQL transaction per batch and returns
-//! one outcome per message plus the replies and events it committed to the outbox.
+//! one outcome per message plus the replies and events it committed with them.
 //!
 //! Layout, in the order a message meets it:
 //! - [`inbound`]: the envelope the runtime passes in, and the inbound queues;

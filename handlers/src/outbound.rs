@@ -1,6 +1,8 @@
-//! Outbound messages (replies and `trio.outbound` events) as stored in the outbox and published by
-//! the relay. Built here, inside the transaction that records their cause.
+//! Outbound messages (replies and `trio.outbound` events), built inside the transaction that
+//! records their cause and kept with it: in the cause's inbox row ([`encode_stored`]), or in the
+//! outbox table when the broker could not take them yet (see the gateway's relay).
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use trio_schemas::Format;
 use uuid::Uuid;
@@ -8,11 +10,14 @@ use uuid::Uuid;
 /// The outbound topic exchange (CONTRACT.md §1).
 pub const OUTBOUND_EXCHANGE: &str = "trio.outbound";
 
+/// AMQP `type` of replies (CONTRACT.md §4).
+pub const REPLY_TYPE: &str = "reply";
+
 /// Namespace of the stable outbound message ids (UUID v5).
 const MESSAGE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5c0b_7a1e_2f4d_4e7b_9a53_7e1f_0c2d_8b61);
 
 /// One message to publish, exactly as it will go on the wire.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutboundMessage {
     /// Stable per (event, recipient): the same on every re-publish.
     pub message_id: Uuid,
@@ -32,14 +37,30 @@ pub struct OutboundMessage {
     pub body: Vec<u8>,
 }
 
-/// An outbound message committed in the outbox, with the id of the row that holds it: the relay
-/// deletes that row once the broker confirmed the message.
+/// An outbound message in the outbox table (one the broker returned or refused when first
+/// published), with the id of the row that holds it: the sweeper deletes that row once the
+/// broker confirmed the message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxEntry {
     /// `outbox.id`.
     pub id: i64,
     /// The message as it goes on the wire.
     pub message: OutboundMessage,
+}
+
+/// The outbound messages one inbound message caused, as its inbox row keeps them (`postcard`, a
+/// compact serde encoding): what a redelivery of that message publishes again.
+pub fn encode_stored(messages: &[OutboundMessage]) -> Vec<u8> {
+    // Serialising plain owned fields into a Vec cannot fail; an empty list is the fallback.
+    postcard::to_allocvec(messages).unwrap_or_default()
+}
+
+/// Reads what [`encode_stored`] wrote.
+///
+/// # Errors
+/// When the bytes are not such a list (a corrupted row).
+pub fn decode_stored(bytes: &[u8]) -> Result<Vec<OutboundMessage>, postcard::Error> {
+    postcard::from_bytes(bytes)
 }
 
 /// Derives a stable message id from the parts that identify an event and its recipient.
@@ -60,7 +81,7 @@ pub fn reply(
         message_id: stable_message_id(&["reply", sender, inbound_message_id, status]),
         exchange: String::new(),
         routing_key: reply_to.to_owned(),
-        message_type: "reply".to_owned(),
+        message_type: REPLY_TYPE.to_owned(),
         content_type: "application/json".to_owned(),
         correlation_id: Some(inbound_message_id.to_owned()),
         traceparent: traceparent.map(str::to_owned),
@@ -104,6 +125,31 @@ pub fn event(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_messages_read_back_as_they_were_written() {
+        let reply = reply(
+            "oa-300",
+            "m1",
+            "replies.oa",
+            "accepted",
+            &serde_json::json!({"status": "accepted"}),
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
+        let event = event(
+            ("oa-300", "m1"),
+            "trajet.updated",
+            "gp.12345678901",
+            Format::Xml,
+            &serde_json::json!({"version": 2}),
+            None,
+        );
+        let messages = vec![reply, event];
+        let stored = encode_stored(&messages);
+        assert_eq!(decode_stored(&stored).unwrap(), messages);
+        assert!(decode_stored(&stored[..stored.len() - 1]).is_err());
+        assert_eq!(decode_stored(&encode_stored(&[])).unwrap(), vec![]);
+    }
 
     #[test]
     fn message_ids_are_stable_per_event_and_recipient() {

@@ -3,7 +3,7 @@
 //! A batch is loaded with one statement (every row its messages can touch, [`LOAD`]), changed in
 //! memory by the handlers in delivery order — so a later message sees an earlier one's effects —
 //! and written back with multi-row `UNNEST` statements: one for the tables every message writes
-//! (trajets, history, inbox, outbox: [`FLUSH_HOT`]), and one per table for the rarer writes
+//! (trajets, history, and the inbox with each message's outbound messages: [`FLUSH_HOT`]), and one per table for the rarer writes
 //! (organisations, insured facts, relations, affiliations, new dossiers). The number of round
 //! trips per batch is therefore fixed, whatever the batch size — on the hot path: begin, locks,
 //! load, flush, commit — and this is what lets one transaction carry a hundred messages, and a
@@ -17,7 +17,8 @@
 //! The plan is then the same for every batch, so the generic plan PostgreSQL caches for a
 //! prepared statement is the right one and no batch pays for planning.
 
-use crate::outbound::{OutboundMessage, OutboxEntry};
+use crate::messages::HandlerBug;
+use crate::outbound::{self, OutboundMessage};
 use crate::outcome::{Outcome, Status};
 use crate::state_cache::{InsuredView, StateCache};
 use sqlx::postgres::PgRow;
@@ -25,7 +26,6 @@ use sqlx::{PgConnection, Row};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use time::{Date, OffsetDateTime};
 use trio_schemas::{Consent, Format, OrgKind, TrajetType};
-use uuid::Uuid;
 
 /// `(kind, id)` of an organisation.
 pub(crate) type OrgKey = (OrgKind, String);
@@ -131,6 +131,8 @@ struct InboxRow {
     message_type: &'static str,
     outcome: Outcome,
     dossier_id: Option<i64>,
+    /// The messages this one caused: a range of [`State::outbox`], kept in the row.
+    outbound: std::ops::Range<usize>,
 }
 
 /// A change to existing dossier rows that is not a plain upsert (NISS replacement).
@@ -240,7 +242,8 @@ WITH RECURSIVE epoch AS (
                         OFFSET 0) t
 ), inb AS (
     SELECT i.* FROM UNNEST($6::text[], $7::text[]) AS k(s, m)
-    CROSS JOIN LATERAL (SELECT sender, message_id, status, code, detail, result::text AS result
+    CROSS JOIN LATERAL (SELECT sender, message_id, status, code, detail, result::text AS result,
+                               outbound
                         FROM inbox WHERE sender = k.s AND message_id = k.m OFFSET 0) i
 ), spare AS (
     SELECT nextval('dossier_id_seq') AS id
@@ -271,7 +274,8 @@ SELECT * FROM
             array_agg(consent) AS t_consent FROM traj) AS traj_,
     (SELECT array_agg(sender) AS inbox_sender, array_agg(message_id) AS inbox_message_id,
             array_agg(status) AS inbox_status, array_agg(code) AS inbox_code,
-            array_agg(detail) AS inbox_detail, array_agg(result) AS inbox_result
+            array_agg(detail) AS inbox_detail, array_agg(result) AS inbox_result,
+            array_agg(outbound) AS inbox_outbound
      FROM inb) AS inb_,
     (SELECT array_agg(id) AS spare_dossier_ids FROM spare) AS spare_,
     (SELECT (SELECT epoch FROM epoch) AS state_epoch) AS epoch_";
@@ -310,6 +314,9 @@ pub(crate) struct State {
     /// Trajets this batch creates (inserted; every other dirty trajet was loaded, and is updated).
     new_trajets: HashSet<TrajetKey>,
     inbox: HashMap<(String, String), Outcome>,
+    /// The outbound messages kept in the inbox rows the load found (see
+    /// [`State::republish_stored`]).
+    stored_outbound: HashMap<(String, String), Vec<u8>>,
     spare_dossier_ids: Vec<i64>,
 
     dirty_orgs: BTreeSet<OrgKey>,
@@ -347,6 +354,7 @@ impl State {
             trajets: HashMap::new(),
             new_trajets: HashSet::new(),
             inbox: HashMap::new(),
+            stored_outbound: HashMap::new(),
             spare_dossier_ids: Vec::new(),
             dirty_orgs: BTreeSet::new(),
             dirty_insured: BTreeSet::new(),
@@ -689,12 +697,14 @@ impl State {
         let mut code: Vec<Option<String>> = column(row, "inbox_code")?;
         let mut detail: Vec<Option<String>> = column(row, "inbox_detail")?;
         let result: Vec<Option<String>> = column(row, "inbox_result")?;
+        let mut stored: Vec<Option<Vec<u8>>> = column(row, "inbox_outbound")?;
         let others = [
             message_id.len(),
             status.len(),
             code.len(),
             detail.len(),
             result.len(),
+            stored.len(),
         ];
         same_length("inbox", sender.len(), &others)?;
         for (i, sender) in sender.into_iter().enumerate() {
@@ -707,8 +717,11 @@ impl State {
                     .and_then(|r| serde_json::from_str(r).ok())
                     .unwrap_or_else(|| serde_json::json!({})),
             };
-            let message_id = std::mem::take(&mut message_id[i]);
-            self.inbox.insert((sender, message_id), outcome);
+            let key = (sender, std::mem::take(&mut message_id[i]));
+            if let Some(stored) = stored[i].take() {
+                self.stored_outbound.insert(key.clone(), stored);
+            }
+            self.inbox.insert(key, outcome);
         }
         Ok(())
     }
@@ -830,7 +843,8 @@ impl State {
 
     // ---- writes ------------------------------------------------------------------------------
 
-    /// Records the outcome of a message (inbox), so a later duplicate repeats it.
+    /// Records the outcome of a message (inbox), so a later duplicate repeats it, with the
+    /// outbound messages it caused: those pushed to [`State::outbox`] from `outbound_from` on.
     pub(crate) fn record_outcome(
         &mut self,
         sender: &str,
@@ -838,6 +852,7 @@ impl State {
         message_type: &'static str,
         outcome: &Outcome,
         dossier_id: Option<i64>,
+        outbound_from: usize,
     ) {
         self.inbox
             .insert((sender.to_owned(), message_id.to_owned()), outcome.clone());
@@ -847,7 +862,42 @@ impl State {
             message_type,
             outcome: outcome.clone(),
             dossier_id,
+            outbound: outbound_from..self.outbox.len(),
         });
+    }
+
+    /// Queues again, once per batch, the outbound messages a committed first outcome of this
+    /// idempotency key caused — its events and its reply — as its inbox row kept them, when the
+    /// broker says it delivered this message before (`redelivered`).
+    ///
+    /// The inbound message is acknowledged only once all of them were confirmed, so a
+    /// redelivery that finds its outcome already committed follows a crash, a lost channel or
+    /// a stop between that commit and the confirms: what the first delivery caused goes out
+    /// again, with its own stable `message_id`s (CONTRACT.md §4, §5), before the duplicate's
+    /// reply. A sender's own re-send of a message (not `redelivered`) found the first delivery
+    /// acknowledged, so everything it caused confirmed: it gets the `duplicate` reply only.
+    ///
+    /// # Errors
+    /// When the stored bytes cannot be read (a corrupted row).
+    pub(crate) fn republish_stored(
+        &mut self,
+        sender: &str,
+        message_id: &str,
+        redelivered: bool,
+    ) -> Result<(), HandlerBug> {
+        if !redelivered {
+            return Ok(());
+        }
+        let key = (sender.to_owned(), message_id.to_owned());
+        if let Some(stored) = self.stored_outbound.remove(&key) {
+            let messages = outbound::decode_stored(&stored).map_err(|e| {
+                HandlerBug(format!(
+                    "the outbound messages kept for message {message_id} cannot be read: {e}"
+                ))
+            })?;
+            self.outbox.extend(messages);
+        }
+        Ok(())
     }
 
     /// Registers or updates an organisation.
@@ -1047,11 +1097,12 @@ impl State {
         }
     }
 
-    /// Writes every pending change with one statement per table; returns the outbox as committed.
+    /// Writes every pending change with one statement per table; returns the outbound messages
+    /// to publish once the transaction commits.
     pub(crate) async fn flush(
         &mut self,
         conn: &mut PgConnection,
-    ) -> sqlx::Result<Vec<OutboxEntry>> {
+    ) -> sqlx::Result<Vec<OutboundMessage>> {
         self.flush_orgs(conn).await?;
         self.flush_insured(conn).await?;
         self.flush_relations(conn).await?;
@@ -1269,18 +1320,16 @@ impl State {
         Ok(())
     }
 
-    /// The tables every message writes — trajets, history, inbox and outbox — in one statement
-    /// (one data-modifying CTE each: they run once, in full, whether or not the final statement
-    /// reads them; foreign keys are checked when the statement ends).
-    /// Returns the outbox as committed, each message with its row's id; fails when a trajet the
-    /// load found was not updated (see [`FLUSH_HOT`]).
-    async fn flush_hot(&mut self, conn: &mut PgConnection) -> sqlx::Result<Vec<OutboxEntry>> {
-        if self.dirty_trajets.is_empty()
-            && self.history.is_empty()
-            && self.new_inbox.is_empty()
-            && self.outbox.is_empty()
-        {
-            return Ok(Vec::new());
+    /// The tables every message writes — trajets, history and the inbox, whose rows keep the
+    /// outbound messages each inbound message caused — in one statement (one data-modifying
+    /// CTE each: they run once, in full, whether or not the final statement reads them; foreign
+    /// keys are checked when the statement ends).
+    /// Returns the outbound messages; fails when a trajet the load found was not updated (see
+    /// [`FLUSH_HOT`]).
+    async fn flush_hot(&mut self, conn: &mut PgConnection) -> sqlx::Result<Vec<OutboundMessage>> {
+        if self.dirty_trajets.is_empty() && self.history.is_empty() && self.new_inbox.is_empty() {
+            // Only duplicates: their replies (and what they publish again) write nothing.
+            return Ok(std::mem::take(&mut self.outbox));
         }
         let t: Vec<(&TrajetKey, &TrajetRow)> = self
             .dirty_trajets
@@ -1288,13 +1337,19 @@ impl State {
             .filter_map(|k| self.trajets.get(k).map(|t| (k, t)))
             .collect();
         // Whether the load found each trajet: found ones are updated, the others inserted.
-        let stored: Vec<bool> = t
+        let loaded: Vec<bool> = t
             .iter()
             .map(|(k, _)| !self.new_trajets.contains(k))
             .collect();
         let h = &self.history;
         let i = &self.new_inbox;
-        let o = &self.outbox;
+        let stored: Vec<Option<Vec<u8>>> = i
+            .iter()
+            .map(|r| {
+                let caused = &self.outbox[r.outbound.clone()];
+                (!caused.is_empty()).then(|| outbound::encode_stored(caused))
+            })
+            .collect();
         let row = sqlx::query(FLUSH_HOT)
             .bind(
                 t.iter()
@@ -1361,34 +1416,11 @@ impl State {
                     .collect::<Vec<_>>(),
             )
             .bind(i.iter().map(|r| r.dossier_id).collect::<Vec<_>>())
-            .bind(o.iter().map(|m| m.message_id).collect::<Vec<_>>())
-            .bind(o.iter().map(|m| m.exchange.as_str()).collect::<Vec<_>>())
-            .bind(o.iter().map(|m| m.routing_key.as_str()).collect::<Vec<_>>())
-            .bind(
-                o.iter()
-                    .map(|m| m.message_type.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                o.iter()
-                    .map(|m| m.content_type.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                o.iter()
-                    .map(|m| m.correlation_id.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                o.iter()
-                    .map(|m| m.traceparent.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(o.iter().map(|m| m.body.as_slice()).collect::<Vec<_>>())
             .bind(&stored)
+            .bind(&loaded)
             .fetch_one(&mut *conn)
             .await?;
-        let found = stored.iter().filter(|&&s| s).count();
+        let found = loaded.iter().filter(|&&s| s).count();
         let updated: i64 = row.try_get("trajets_updated")?;
         if usize::try_from(updated).ok() != Some(found) {
             return Err(sqlx::Error::Decode(
@@ -1399,15 +1431,20 @@ impl State {
                 .into(),
             ));
         }
-        outbox_entries(std::mem::take(&mut self.outbox), &row)
+        Ok(std::mem::take(&mut self.outbox))
     }
 }
 
-/// [`State::flush_hot`]'s statement: trajets written (`$1`–`$11`, and `$34`: whether the load
+/// [`State::flush_hot`]'s statement: trajets written (`$1`–`$11`, and `$27`: whether the load
 /// found the row), history appended (`$12`–`$17`), outcomes recorded in the inbox (`$18`–`$25`)
-/// and outbound messages put in the outbox, claimed for 30 s by this process's relay
-/// (`$26`–`$33`). It returns one row: how many trajets it updated, and each outbox row's id
-/// with its `message_id`.
+/// with the outbound messages each caused (`$26`). It returns one row: how many trajets it
+/// updated.
+///
+/// The outbound messages have no table of their own on this path: the inbox row keeps them, and
+/// the inbound message stays unacknowledged until the broker confirmed them all, so the broker's
+/// redelivery of an unacknowledged message is what publishes them again after a crash (see
+/// [`State::republish_stored`]). An outbox row and its deletion per message (three index entries
+/// and a delete record in the WAL) were the price of the previous design.
 ///
 /// Trajets the load found are updated, the others inserted, both plainly: the batch holds the
 /// lock of every trajet it writes (its key's, or its insured's) and loaded it after taking it.
@@ -1420,12 +1457,12 @@ impl State {
 /// and loaded the inbox after taking it, so a key already recorded was answered as a duplicate
 /// and is not among them (an `ON CONFLICT` clause would make PostgreSQL insert speculatively and
 /// write one more WAL record per message for nothing; a conflict would be a bug, and fails the
-/// batch). The outbox has no unique key on `message_id` (see the migration that gave it `id`).
+/// batch).
 const FLUSH_HOT: &str = "
 WITH written AS (
     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
                          $6::text[], $7::bigint[], $8::date[], $9::date[], $10::date[],
-                         $11::text[], $34::bool[])
+                         $11::text[], $27::bool[])
         AS w(owner_kind, owner_id, ref, dossier_id, type, status, version,
              request_received_on, start_on, end_on, consent, stored)
 ), updated AS (
@@ -1449,53 +1486,13 @@ WITH written AS (
     FROM UNNEST($12::bigint[], $13::text[], $14::text[], $15::text[], $16::text[],
                 $17::text[]) AS h(d, ak, ai, r, o, de)
 ), outcomes AS (
-    INSERT INTO inbox (sender, message_id, type, status, code, detail, result, dossier_id)
-    SELECT s, m, t, st, c, d, r::jsonb, di
+    INSERT INTO inbox (sender, message_id, type, status, code, detail, result, dossier_id,
+                       outbound)
+    SELECT s, m, t, st, c, d, r::jsonb, di, o
     FROM UNNEST($18::text[], $19::text[], $20::text[], $21::text[], $22::text[], $23::text[],
-                $24::text[], $25::bigint[]) AS i(s, m, t, st, c, d, r, di)
-), queued AS (
-    INSERT INTO outbox (message_id, exchange, routing_key, type, content_type, correlation_id,
-                        traceparent, body, claimed_until)
-    SELECT *, now() + interval '30 seconds'
-    FROM UNNEST($26::uuid[], $27::text[], $28::text[], $29::text[], $30::text[], $31::text[],
-                $32::text[], $33::bytea[])
-    RETURNING id, message_id
+                $24::text[], $25::bigint[], $26::bytea[]) AS i(s, m, t, st, c, d, r, di, o)
 )
-SELECT (SELECT count(*) FROM updated) AS trajets_updated,
-       array_agg(id) AS outbox_id, array_agg(message_id) AS outbox_message_id
-FROM queued";
-
-/// Pairs each outbox message with the id of the row [`FLUSH_HOT`] inserted for it. The ids come
-/// back as two arrays, `outbox_id` and `outbox_message_id`, paired by position (one aggregate
-/// builds both) and in no promised order; a `message_id` may repeat (a duplicate's reply), and
-/// then any of its ids will do, one each.
-fn outbox_entries(outbox: Vec<OutboundMessage>, row: &PgRow) -> sqlx::Result<Vec<OutboxEntry>> {
-    let row_ids: Vec<i64> = column(row, "outbox_id")?;
-    let message_ids: Vec<Uuid> = column(row, "outbox_message_id")?;
-    same_length("outbox", row_ids.len(), &[message_ids.len()])?;
-    let mut ids: HashMap<Uuid, Vec<i64>> = HashMap::with_capacity(row_ids.len());
-    for (message_id, id) in message_ids.into_iter().zip(row_ids) {
-        ids.entry(message_id).or_default().push(id);
-    }
-    outbox
-        .into_iter()
-        .map(|message| {
-            let id = ids
-                .get_mut(&message.message_id)
-                .and_then(Vec::pop)
-                .ok_or_else(|| {
-                    sqlx::Error::Decode(
-                        format!(
-                            "the outbox insert returned no row for message {}",
-                            message.message_id
-                        )
-                        .into(),
-                    )
-                })?;
-            Ok(OutboxEntry { id, message })
-        })
-        .collect()
-}
+SELECT count(*) AS trajets_updated FROM updated";
 
 /// The stable, human-quotable dossier number («numéro du dossier»).
 pub(crate) fn dossier_number(id: i64) -> String {

@@ -6,6 +6,7 @@ mod access;
 mod envelope;
 mod idempotency;
 mod privacy;
+mod redelivery;
 mod relations;
 mod runtime;
 mod state_cache;
@@ -13,6 +14,9 @@ mod trajets;
 
 use serde_json::{Value, json};
 use trio_gateway::partner::Partner;
+use trio_handlers::context::Context;
+use trio_handlers::{Inbound, SourceQueue};
+use trio_schemas::{ContentType, MessageType};
 use trio_tests::{TestEnv, synthetic_niss};
 
 /// An OA (300, JSON), a SEPP (0411234567, XML) and a GP (12345678901, JSON), all related to one
@@ -90,6 +94,25 @@ pub fn assert_reply(reply: &trio_gateway::partner::Reply, status: &str, code: Op
     }
 }
 
+/// Reads `probe` every 100 ms until it says 0, for at most 5 s; returns its last reading.
+pub async fn settles_to_zero<F: Future<Output = i64>>(mut probe: impl FnMut() -> F) -> i64 {
+    let mut last = probe().await;
+    for _ in 0..50 {
+        if last == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        last = probe().await;
+    }
+    last
+}
+
+/// Messages ready or unacknowledged in one of the test's queues (management API).
+pub async fn queue_depth(env: &TestEnv, queue: &str) -> i64 {
+    let depth = env.admin().queue_messages(&env.name, queue).await.unwrap();
+    i64::try_from(depth).unwrap()
+}
+
 /// Rows of a table.
 pub async fn count(env: &TestEnv, table: &str) -> i64 {
     sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
@@ -117,4 +140,52 @@ pub async fn hold_insured_lock(
         .await
         .unwrap();
     (tx, pseudonym)
+}
+
+/// A JSON message as the runtime would hand it over.
+pub fn inbound(
+    queue: SourceQueue,
+    user: &str,
+    message_type: MessageType,
+    message_id: &str,
+    body: &Value,
+) -> Inbound {
+    let payload =
+        trio_schemas::decode(message_type, ContentType::Json, body.to_string().as_bytes())
+            .map_err(|e| e.to_string());
+    Inbound {
+        queue,
+        user_id: Some(user.to_owned()),
+        message_id: message_id.to_owned(),
+        message_type,
+        reply_to: None,
+        traceparent: None,
+        redelivered: false,
+        payload,
+    }
+}
+
+/// A `trajet.upsert` from OA 300.
+pub fn upsert_from_oa(message_id: &str, body: &Value) -> Inbound {
+    let user = format!("t-oa-{OA}");
+    inbound(
+        SourceQueue::Oa,
+        &user,
+        MessageType::TrajetUpsert,
+        message_id,
+        body,
+    )
+}
+
+/// The world of the access tests, with its gateway stopped once the organisations and relations
+/// are registered: the test's own context is then the only one applying messages.
+pub async fn world_without_gateway(seq: u32) -> (World, Context) {
+    let mut w = World::new(seq).await;
+    w.env.stop_gateway().await.expect("gateway stops");
+    let ctx = Context::new(
+        w.env.db.clone(),
+        w.env.pseudonymiser.clone(),
+        ["guest".to_owned()],
+    );
+    (w, ctx)
 }

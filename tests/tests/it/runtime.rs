@@ -2,7 +2,9 @@
 //! conflicts), batches, poison messages and writes that did not happen, graceful shutdown, and
 //! the management API client the tests rely on.
 
-use crate::{GP, World, assert_reply, count, hold_insured_lock, trajet};
+use crate::{
+    GP, World, assert_reply, count, hold_insured_lock, queue_depth, settles_to_zero, trajet,
+};
 use serde_json::json;
 use std::time::Duration;
 use trio_gateway::partner::{Outgoing, header};
@@ -95,13 +97,9 @@ async fn many_messages_are_applied_in_batches_with_one_outcome_each() {
         .unwrap();
     assert_eq!(max_version, 10, "every trajet ends at its highest version");
     assert_eq!(count(&w.env, "trajet").await, 30);
-    // the relay empties the outbox once the broker confirmed
-    for _ in 0..50 {
-        if count(&w.env, "outbox").await == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // every batch is acknowledged once its messages are confirmed, and none waits in the outbox
+    let waiting = settles_to_zero(|| queue_depth(&w.env, "trio.inbound.oa")).await;
+    assert_eq!(waiting, 0, "every message acknowledged");
     assert_eq!(count(&w.env, "outbox").await, 0);
     w.env.finish().await;
 }

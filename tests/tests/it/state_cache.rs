@@ -8,66 +8,18 @@
 //! reckoning, the dossier ids it sets aside for a batch that mixes insured with and without a
 //! dossier.
 
-use crate::{OA, World, trajet};
-use serde_json::Value;
+use crate::{OA, World, inbound, trajet, upsert_from_oa, world_without_gateway};
 use serde_json::json;
 use trio_handlers::context::Context;
 use trio_handlers::{Inbound, SourceQueue, process_batch};
-use trio_schemas::{ContentType, MessageType};
+use trio_schemas::MessageType;
 use trio_tests::synthetic_niss;
-
-/// A JSON message as the runtime would hand it over.
-fn inbound(
-    queue: SourceQueue,
-    user: &str,
-    message_type: MessageType,
-    message_id: &str,
-    body: &Value,
-) -> Inbound {
-    let payload =
-        trio_schemas::decode(message_type, ContentType::Json, body.to_string().as_bytes())
-            .map_err(|e| e.to_string());
-    Inbound {
-        queue,
-        user_id: Some(user.to_owned()),
-        message_id: message_id.to_owned(),
-        message_type,
-        reply_to: None,
-        traceparent: None,
-        payload,
-    }
-}
-
-/// A `trajet.upsert` from OA 300.
-fn upsert_from_oa(message_id: &str, body: &Value) -> Inbound {
-    let user = format!("t-oa-{OA}");
-    inbound(
-        SourceQueue::Oa,
-        &user,
-        MessageType::TrajetUpsert,
-        message_id,
-        body,
-    )
-}
 
 /// One batch of one message; its outcome's status and code.
 async fn apply(ctx: &Context, inbound: Inbound) -> (String, Option<String>) {
     let result = process_batch(ctx, &[inbound]).await.expect("batch");
     let outcome = &result.outcomes[0];
     (outcome.status.as_str().to_owned(), outcome.code.clone())
-}
-
-/// The world of the access tests, with its gateway stopped once the organisations and relations
-/// are registered: the test's own context is then the only one applying messages.
-async fn world_without_gateway(seq: u32) -> (World, Context) {
-    let mut w = World::new(seq).await;
-    w.env.stop_gateway().await.expect("gateway stops");
-    let ctx = Context::new(
-        w.env.db.clone(),
-        w.env.pseudonymiser.clone(),
-        ["guest".to_owned()],
-    );
-    (w, ctx)
 }
 
 /// Trajet `reference` at versions 1 and 2, in two batches: the first creates the insured's

@@ -1,0 +1,237 @@
+//! What a committed message caused is kept in its inbox row, and the inbound message is
+//! acknowledged only once the broker confirmed it (CONTRACT.md §4, §5): a message committed but
+//! never acknowledged — the process died between its commit and the confirms — is delivered
+//! again by the broker, answered as a duplicate, and publishes what it caused again, with the
+//! same message ids. What the broker cannot route yet waits in the outbox table instead.
+
+use crate::{GP, SEPP, World, assert_reply, count, trajet, upsert_from_oa};
+use crate::{inbound, queue_depth, settles_to_zero, world_without_gateway};
+use futures::StreamExt;
+use lapin::options::BasicConsumeOptions;
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use std::collections::BTreeSet;
+use std::time::Duration;
+use trio_gateway::partner::Outgoing;
+use trio_handlers::{OutboundMessage, SourceQueue, process_batch};
+use trio_schemas::MessageType;
+use trio_tests::{WAIT, request_with_id};
+use uuid::Uuid;
+
+fn ids(messages: &[OutboundMessage]) -> BTreeSet<Uuid> {
+    messages.iter().map(|m| m.message_id).collect()
+}
+
+fn of_type<'a>(messages: &'a [OutboundMessage], message_type: &str) -> Vec<&'a OutboundMessage> {
+    messages
+        .iter()
+        .filter(|m| m.message_type == message_type)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_duplicate_publishes_again_what_its_first_delivery_caused_once_per_batch() {
+    let (w, ctx) = world_without_gateway(60).await;
+    let body = trajet(&w.niss, "kept", "rtw_ami", "en_cours", 1);
+    let with_reply = |id: &str| {
+        let mut message = upsert_from_oa(id, &body);
+        message.reply_to = Some("replies".to_owned());
+        message
+    };
+
+    // The message and a duplicate of it in one batch: the duplicate repeats nothing the batch
+    // publishes anyway, and only adds its own reply.
+    let first = process_batch(&ctx, &[with_reply("m-kept"), with_reply("m-kept")])
+        .await
+        .unwrap();
+    let statuses: Vec<&str> = first.outcomes.iter().map(|o| o.status.as_str()).collect();
+    assert_eq!(statuses, ["accepted", "duplicate"]);
+    let events = of_type(&first.outbound, "trajet.updated");
+    let recipients: BTreeSet<&str> = events.iter().map(|m| m.routing_key.as_str()).collect();
+    assert_eq!(
+        recipients,
+        BTreeSet::from([format!("sepp.{SEPP}").as_str(), format!("gp.{GP}").as_str()])
+    );
+    assert_eq!(of_type(&first.outbound, "reply").len(), 2);
+    assert_eq!(first.outbound.len(), 4, "two events and two replies");
+
+    let status = |m: &OutboundMessage| {
+        let body: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
+        body["status"].as_str().unwrap_or("").to_owned()
+    };
+    assert_eq!(status(&first.outbound[2]), "accepted");
+    assert_eq!(status(&first.outbound[3]), "duplicate");
+
+    // The sender re-sends it, in a later batch: only the duplicate's reply (whose id is stable
+    // too). A message the broker did not deliver before had its first delivery acknowledged,
+    // so what that one caused was confirmed.
+    let resent = process_batch(&ctx, &[with_reply("m-kept")]).await.unwrap();
+    assert_eq!(resent.outcomes[0].status.as_str(), "duplicate");
+    assert_eq!(resent.outbound, first.outbound[3..]);
+
+    // The broker delivers it again (its first delivery was never acknowledged): everything the
+    // first caused goes out again, as it was (same ids, same bodies), then the duplicate's
+    // reply.
+    let mut redelivered = with_reply("m-kept");
+    redelivered.redelivered = true;
+    let again = process_batch(&ctx, &[redelivered]).await.unwrap();
+    assert_eq!(again.outcomes[0].status.as_str(), "duplicate");
+    assert_eq!(again.outbound, first.outbound);
+
+    // Nothing was applied twice.
+    let version: i64 = sqlx::query_scalar("SELECT version FROM trajet WHERE ref = 'kept'")
+        .fetch_one(&w.env.db)
+        .await
+        .unwrap();
+    assert_eq!(version, 1);
+    let lines: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM history WHERE resource = 'trajet_rtw_ami'")
+            .fetch_one(&w.env.db)
+            .await
+            .unwrap();
+    assert_eq!(lines, 1, "one history line for the one update");
+
+    // A message that caused nothing keeps nothing.
+    let stranger = inbound(
+        SourceQueue::Oa,
+        "t-nobody",
+        MessageType::TrajetUpsert,
+        "m-stranger",
+        &body,
+    );
+    let refused = process_batch(&ctx, &[stranger]).await.unwrap();
+    assert_eq!(refused.outcomes[0].status.as_str(), "rejected");
+    assert!(refused.outbound.is_empty());
+    let kept: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT message_id, outbound IS NULL FROM inbox WHERE message_id LIKE 'm-%' \
+         ORDER BY message_id",
+    )
+    .fetch_all(&w.env.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        kept,
+        [
+            ("m-kept".to_owned(), false),
+            ("m-stranger".to_owned(), true)
+        ]
+    );
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn a_message_committed_but_never_acknowledged_publishes_its_events_when_delivered_again() {
+    let (mut w, ctx) = world_without_gateway(61).await;
+    let mut to_sepp = w.sepp.listen(&format!("sepp.{SEPP}")).await.unwrap();
+    let mut to_gp = w.gp.listen(&format!("gp.{GP}")).await.unwrap();
+    let body = trajet(&w.niss, "crash", "rtw_ami", "en_cours", 1);
+
+    // A gateway takes the message from its queue ...
+    w.oa.publish(&Outgoing::json("oa", "trajet.upsert", "m-crash", &body))
+        .await
+        .unwrap();
+    let connection =
+        Connection::connect(&w.env.amqp_url_as("guest"), ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut taken = channel
+        .basic_consume(
+            "trio.inbound.oa",
+            "a-gateway-about-to-die",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(WAIT, taken.next())
+        .await
+        .expect("the message")
+        .expect("a delivery")
+        .unwrap();
+    assert!(!delivery.redelivered);
+    // ... commits it (applied here as that gateway would) ...
+    let first = process_batch(&ctx, &[upsert_from_oa("m-crash", &body)])
+        .await
+        .unwrap();
+    assert_eq!(first.outcomes[0].status.as_str(), "accepted");
+    let caused = ids(&of_type(&first.outbound, "trajet.updated")
+        .into_iter()
+        .cloned()
+        .collect::<Vec<_>>());
+    assert_eq!(caused.len(), 2, "an event for the SEPP and one for the GP");
+    // ... and dies before publishing or acknowledging anything.
+    connection.close(200, "crash").await.unwrap();
+
+    // A gateway starts, and the broker delivers the message again.
+    w.env.start_gateway();
+    let reply = w.oa.reply_to("m-crash", WAIT).await.unwrap();
+    assert_eq!(reply.body["status"], "duplicate");
+    assert_eq!(reply.body["detail"], "accepted");
+    let quiet = Duration::from_secs(2);
+    let mut deliveries = to_sepp.drain(quiet).await.unwrap();
+    deliveries.extend(to_gp.drain(quiet).await.unwrap());
+    let mut received = BTreeSet::new();
+    for delivery in deliveries {
+        assert_eq!(
+            delivery.properties.kind().as_ref().unwrap().as_str(),
+            "trajet.updated"
+        );
+        let id = delivery.properties.message_id().as_ref().unwrap().as_str();
+        received.insert(Uuid::parse_str(id).unwrap());
+    }
+    assert_eq!(received, caused, "the events the first delivery committed");
+    assert_eq!(count(&w.env, "outbox").await, 0);
+    let version: i64 = sqlx::query_scalar("SELECT version FROM trajet WHERE ref = 'crash'")
+        .fetch_one(&w.env.db)
+        .await
+        .unwrap();
+    assert_eq!(version, 1, "applied once");
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn an_event_nobody_can_receive_yet_waits_in_the_outbox_and_the_message_is_acknowledged() {
+    let mut w = World::new(62).await;
+    // Only the GP listens: the SEPP's event is unroutable.
+    let mut to_gp = w.gp.listen(&format!("gp.{GP}")).await.unwrap();
+    let body = trajet(&w.niss, "nobody", "rtw_ami", "en_cours", 1);
+    let r = request_with_id(&mut w.oa, "oa", "trajet.upsert", "m-nobody", &body).await;
+    assert_reply(&r, "accepted", None);
+    assert_eq!(to_gp.drain(Duration::from_secs(1)).await.unwrap().len(), 1);
+
+    // The returned event is kept for a minute, then retried by the sweeper ...
+    let mut kept: Vec<(String, i32, bool)> = Vec::new();
+    for _ in 0..50 {
+        kept = sqlx::query_as(
+            "SELECT routing_key, attempts, claimed_until > now() + interval '50 seconds' \
+             FROM outbox",
+        )
+        .fetch_all(&w.env.db)
+        .await
+        .unwrap();
+        if !kept.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(kept, [(format!("sepp.{SEPP}"), 1, true)]);
+    // ... and the inbound message is acknowledged: nothing left in its queue, not even unacked.
+    let waiting = settles_to_zero(|| queue_depth(&w.env, "trio.inbound.oa")).await;
+    assert_eq!(waiting, 0, "the message was acknowledged");
+
+    // Once the SEPP listens and the minute is over, the sweeper delivers it and deletes the row.
+    let mut to_sepp = w.sepp.listen(&format!("sepp.{SEPP}")).await.unwrap();
+    sqlx::query("UPDATE outbox SET claimed_until = now()")
+        .execute(&w.env.db)
+        .await
+        .unwrap();
+    let got = to_sepp.next(Duration::from_secs(10)).await.unwrap();
+    let got = got.expect("the SEPP's event, from the outbox");
+    assert_eq!(
+        got.properties.kind().as_ref().unwrap().as_str(),
+        "trajet.updated"
+    );
+    assert_eq!(settles_to_zero(|| count(&w.env, "outbox")).await, 0);
+    w.env.finish().await;
+}
