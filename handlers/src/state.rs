@@ -242,7 +242,7 @@ WITH RECURSIVE epoch AS (
                         OFFSET 0) t
 ), inb AS (
     SELECT i.* FROM UNNEST($6::text[], $7::text[]) AS k(s, m)
-    CROSS JOIN LATERAL (SELECT sender, message_id, status, code, detail, result::text AS result,
+    CROSS JOIN LATERAL (SELECT sender, message_id, status, code, detail, result,
                                outbound
                         FROM inbox WHERE sender = k.s AND message_id = k.m OFFSET 0) i
 ), spare AS (
@@ -1488,7 +1488,7 @@ WITH written AS (
 ), outcomes AS (
     INSERT INTO inbox (sender, message_id, type, status, code, detail, result, dossier_id,
                        outbound)
-    SELECT s, m, t, st, c, d, r::jsonb, di, o
+    SELECT s, m, t, st, c, d, r, di, o
     FROM UNNEST($18::text[], $19::text[], $20::text[], $21::text[], $22::text[], $23::text[],
                 $24::text[], $25::bigint[], $26::bytea[]) AS i(s, m, t, st, c, d, r, di, o)
 )
