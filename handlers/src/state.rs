@@ -3,11 +3,12 @@
 //! A batch is loaded with one statement (every row its messages can touch, [`LOAD`]), changed in
 //! memory by the handlers in delivery order — so a later message sees an earlier one's effects —
 //! and written back with multi-row `UNNEST` statements: one for the tables every message writes
-//! (trajets, history, and the inbox with each message's outbound messages: [`FLUSH_HOT`]), and one per table for the rarer writes
-//! (organisations, insured facts, relations, affiliations, new dossiers). The number of round
-//! trips per batch is therefore fixed, whatever the batch size — on the hot path: begin, locks,
-//! load, flush, commit — and this is what lets one transaction carry a hundred messages, and a
-//! small batch at low load finish in a few milliseconds.
+//! (trajets, history, and the inbox with each message's outbound messages: [`FLUSH_HOT`]), and
+//! one per table for the rarer writes (organisations, insured facts, relations, affiliations,
+//! new dossiers). The number of round trips per batch is therefore fixed, whatever the batch
+//! size — on the hot path: begin, locks, load, flush, commit — and this is what lets one
+//! transaction carry a hundred messages, and a small batch at low load finish in a few
+//! milliseconds.
 //!
 //! Lookups by a batch's keys are written `UNNEST(keys) CROSS JOIN LATERAL (… WHERE key = k …
 //! OFFSET 0)`: one index probe per key, whatever the planner's estimates. With `key = ANY($1)`
