@@ -124,7 +124,15 @@ async fn settle(deps: &RelayDeps, channel: &mut Option<Channel>, round: &[Handof
         return true;
     }
     warn_unconfirmed(returned.len(), nacked.len());
-    keep_unconfirmed(deps, &returned, &nacked).await
+    // Until it succeeds: the batch's ack waits for it (given up only when the grace period ends,
+    // and the batch, unacknowledged, is then delivered again at the next start).
+    retry_writes(
+        &deps.hard_stop,
+        "keeping unconfirmed messages in the outbox",
+        None,
+        || insert_unconfirmed(&deps.db, &returned, &nacked),
+    )
+    .await
 }
 
 fn warn_unconfirmed(returned: usize, nacked: usize) {
@@ -139,33 +147,6 @@ fn warn_unconfirmed(returned: usize, nacked: usize) {
             count = nacked,
             "outbound messages refused by the broker; kept in the outbox and retried"
         );
-    }
-}
-
-/// Inserts what the broker returned or refused in the outbox table, for the sweeper, retrying
-/// while the database is unavailable. `false` when the shutdown grace period ended first.
-async fn keep_unconfirmed(
-    deps: &RelayDeps,
-    returned: &[&OutboundMessage],
-    nacked: &[&OutboundMessage],
-) -> bool {
-    let mut delays = backoff();
-    loop {
-        match insert_unconfirmed(&deps.db, returned, nacked).await {
-            Ok(()) => return true,
-            Err(e) => {
-                if deps.hard_stop.is_cancelled() {
-                    warn!(error = %e, "shutdown grace period over; the batch stays unacknowledged and is published again at the next start");
-                    return false;
-                }
-                let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                warn!(error = %e, ?delay, "keeping unconfirmed messages in the outbox failed; retrying");
-                tokio::select! {
-                    _ = deps.hard_stop.cancelled() => {}
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
     }
 }
 
@@ -268,29 +249,37 @@ async fn publish_until_answered(
     }
 }
 
-/// Runs `write` until it succeeds, 20 attempts at most with backoff, fewer if the shutdown grace
-/// period ends. Rows it fails to write stay claimed and are published again by a sweeper.
+/// How often the sweeper's writes are tried before their rows are left for a later sweep.
+const SWEEPER_WRITE_ATTEMPTS: usize = 20;
+
+/// Runs `write` until it succeeds, with backoff: at most `attempts` times (`None`: no limit),
+/// and no more once the shutdown grace period has ended. `false` when it gave up; the messages
+/// concerned are then published again with the same message ids (outbox rows by a sweeper once
+/// their claim expires, an unacknowledged batch by the broker's redelivery).
 async fn retry_writes<F: Future<Output = sqlx::Result<()>>>(
     hard_stop: &CancellationToken,
     what: &str,
+    attempts: Option<usize>,
     mut write: impl FnMut() -> F,
-) {
+) -> bool {
     let mut delays = backoff();
-    for _ in 0..20 {
-        match write().await {
-            Ok(()) => return,
-            Err(e) => {
-                let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                warn!(error = %e, ?delay, "{what} failed; retrying");
-                tokio::select! {
-                    _ = hard_stop.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
+    let mut tried = 0;
+    loop {
+        let Err(e) = write().await else {
+            return true;
+        };
+        tried += 1;
+        if hard_stop.is_cancelled() || attempts.is_some_and(|limit| tried >= limit) {
+            warn!(error = %e, "gave up {what}; those messages will be published again");
+            return false;
+        }
+        let delay = delays.next().unwrap_or(Duration::from_secs(5));
+        warn!(error = %e, ?delay, "{what} failed; retrying");
+        tokio::select! {
+            _ = hard_stop.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {}
         }
     }
-    // The rows stay in the outbox; the sweeper re-publishes them with the same message ids.
-    warn!("gave up {what}; those messages will be published again");
 }
 
 /// Deletes the confirmed rows the sweeper sends, gathering them for up to [`DELETE_LINGER`] (or
@@ -301,12 +290,17 @@ pub async fn delete_confirmed(
     hard_stop: CancellationToken,
 ) {
     while let Some(ids) = gather(&mut confirmed).await {
-        retry_writes(&hard_stop, "deleting confirmed outbox rows", || {
-            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-                .bind(&ids)
-                .execute(&db)
-                .map_ok(|_| ())
-        })
+        retry_writes(
+            &hard_stop,
+            "deleting confirmed outbox rows",
+            Some(SWEEPER_WRITE_ATTEMPTS),
+            || {
+                sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+                    .bind(&ids)
+                    .execute(&db)
+                    .map_ok(|_| ())
+            },
+        )
         .await;
     }
     debug!("outbox deleter stopped");
@@ -425,9 +419,12 @@ async fn deliver_swept(deps: &RelayDeps, channel: &mut Option<Channel>, round: V
     if returned.is_empty() && nacked.is_empty() {
         return;
     }
-    retry_writes(&deps.hard_stop, "releasing unconfirmed outbox rows", || {
-        release(&deps.db, &returned, &nacked)
-    })
+    retry_writes(
+        &deps.hard_stop,
+        "releasing unconfirmed outbox rows",
+        Some(SWEEPER_WRITE_ATTEMPTS),
+        || release(&deps.db, &returned, &nacked),
+    )
     .await;
 }
 
@@ -470,6 +467,40 @@ async fn claim_expired(db: &PgPool) -> sqlx::Result<Vec<OutboxEntry>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs [`retry_writes`] over a write that fails `failures` times; how it ended, and the
+    /// number of calls.
+    async fn retried(
+        hard_stop: &CancellationToken,
+        attempts: Option<usize>,
+        failures: usize,
+    ) -> (bool, usize) {
+        let calls = std::cell::Cell::new(0);
+        let done = retry_writes(hard_stop, "a test write", attempts, || {
+            calls.set(calls.get() + 1);
+            let result = if calls.get() > failures {
+                Ok(())
+            } else {
+                Err(sqlx::Error::PoolTimedOut)
+            };
+            std::future::ready(result)
+        })
+        .await;
+        (done, calls.get())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_are_retried_up_to_their_limit_or_until_the_grace_period_ends() {
+        let running = CancellationToken::new();
+        assert_eq!(retried(&running, Some(3), 10).await, (false, 3));
+        assert_eq!(retried(&running, Some(3), 2).await, (true, 3));
+        // No limit: as long as it takes (the ack of a batch waits on this one).
+        assert_eq!(retried(&running, None, 30).await, (true, 31));
+        // Once the grace period is over, one failure is the last.
+        let over = CancellationToken::new();
+        over.cancel();
+        assert_eq!(retried(&over, None, 30).await, (false, 1));
+    }
 
     // Paused time: the runtime advances the clock only when every task waits, so "within the
     // linger" and "after it" do not depend on how busy the machine is.

@@ -10,9 +10,6 @@ use uuid::Uuid;
 /// The outbound topic exchange (CONTRACT.md §1).
 pub const OUTBOUND_EXCHANGE: &str = "trio.outbound";
 
-/// AMQP `type` of replies (CONTRACT.md §4).
-pub const REPLY_TYPE: &str = "reply";
-
 /// Namespace of the stable outbound message ids (UUID v5).
 const MESSAGE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5c0b_7a1e_2f4d_4e7b_9a53_7e1f_0c2d_8b61);
 
@@ -81,7 +78,7 @@ pub fn reply(
         message_id: stable_message_id(&["reply", sender, inbound_message_id, status]),
         exchange: String::new(),
         routing_key: reply_to.to_owned(),
-        message_type: REPLY_TYPE.to_owned(),
+        message_type: "reply".to_owned(),
         content_type: "application/json".to_owned(),
         correlation_id: Some(inbound_message_id.to_owned()),
         traceparent: traceparent.map(str::to_owned),
