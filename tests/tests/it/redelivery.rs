@@ -2,13 +2,16 @@
 //! acknowledged only once the broker confirmed it (CONTRACT.md §4, §5): a message committed but
 //! never acknowledged — the process died between its commit and the confirms — is delivered
 //! again by the broker, answered as a duplicate, and publishes what it caused again, with the
-//! same message ids. What the broker cannot route yet waits in the outbox table instead.
+//! same message ids. What the broker cannot route yet, or refuses, waits in the outbox table
+//! instead, and is published again until the broker confirms it.
 
 use crate::{GP, SEPP, World, assert_reply, count, trajet, upsert_from_oa};
 use crate::{inbound, queue_depth, settles_to_zero, world_without_gateway};
 use futures::StreamExt;
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
+use lapin::options::{
+    BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -233,5 +236,100 @@ async fn an_event_nobody_can_receive_yet_waits_in_the_outbox_and_the_message_is_
         "trajet.updated"
     );
     assert_eq!(settles_to_zero(|| count(&w.env, "outbox")).await, 0);
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn an_event_the_broker_refuses_is_published_again_until_confirmed_and_the_message_acknowledged()
+ {
+    let mut w = World::new(76).await;
+    let mut to_gp = w.gp.listen(&format!("gp.{GP}")).await.unwrap();
+    let mut to_sepp = w.sepp.listen(&format!("sepp.{SEPP}")).await.unwrap();
+    // A full queue that refuses what it is given, bound to the SEPP's routing key: the broker
+    // still delivers the SEPP's event to the SEPP's own queue, but answers its publish with a
+    // nack, as it would for a queue over its length limit.
+    let operator =
+        Connection::connect(&w.env.amqp_url_as("guest"), ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = operator.create_channel().await.unwrap();
+    let mut refusing = FieldTable::default();
+    refusing.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    refusing.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare("full", QueueDeclareOptions::default(), refusing)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            "full",
+            "trio.outbound",
+            &format!("sepp.{SEPP}"),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let body = trajet(&w.niss, "refused", "rtw_ami", "en_cours", 1);
+    let r = request_with_id(&mut w.oa, "oa", "trajet.upsert", "m-refused", &body).await;
+    assert_reply(&r, "accepted", None);
+    assert_eq!(to_gp.drain(Duration::from_secs(1)).await.unwrap().len(), 1);
+
+    // The refused event is kept in the outbox, due at once, and the sweeper tries it again
+    // (each claim counts an attempt; the insert after the first refusal counted one) ...
+    let mut attempts = 0;
+    for _ in 0..100 {
+        attempts = sqlx::query_scalar::<_, i32>(
+            "SELECT COALESCE(max(attempts), 0) FROM outbox WHERE routing_key = $1",
+        )
+        .bind(format!("sepp.{SEPP}"))
+        .fetch_one(&w.env.db)
+        .await
+        .unwrap();
+        if attempts >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        attempts >= 3,
+        "the refused event was retried ({attempts} attempts)"
+    );
+    assert_eq!(
+        count(&w.env, "outbox").await,
+        1,
+        "only the refused event waits"
+    );
+    // ... while the inbound message is acknowledged: nothing left in its queue, not even unacked.
+    let waiting = settles_to_zero(|| queue_depth(&w.env, "trio.inbound.oa")).await;
+    assert_eq!(waiting, 0, "the message was acknowledged");
+
+    // Once the broker accepts it, the next attempt is confirmed and the row deleted.
+    channel
+        .queue_delete("full", QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(settles_to_zero(|| count(&w.env, "outbox")).await, 0);
+    // The SEPP got the event once per attempt the broker routed, always under one message id,
+    // so it can tell the copies apart from new events.
+    let got = to_sepp.drain(Duration::from_secs(2)).await.unwrap();
+    assert!(
+        got.len() >= 2,
+        "the event was published again after the refusal"
+    );
+    let ids: BTreeSet<_> = got
+        .iter()
+        .map(|d| d.properties.message_id().clone())
+        .collect();
+    assert_eq!(ids.len(), 1, "one message id for every copy: {ids:?}");
+    assert!(
+        got.iter().all(|d| {
+            d.properties.kind().as_ref().map(|k| k.as_str()) == Some("trajet.updated")
+        })
+    );
     w.env.finish().await;
 }
