@@ -54,7 +54,8 @@ enum DlqCommand {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
-    /// Put dead letters back on their inbound queue (needs a broker user with the impersonator tag).
+    /// Put dead letters back on their inbound queue (needs a broker user with the impersonator tag,
+    /// and the database: what an already committed letter caused goes to the outbox first).
     Replay {
         /// The message_id of the letter(s) to replay.
         #[arg(long, conflicts_with = "all")]

@@ -5,13 +5,23 @@
 //! re-publishes the chosen letters to `trio.inbound` with their original properties and routing
 //! key, then removes them from `trio.dead`. Because RabbitMQ checks `user_id` against the
 //! publishing user, replay must run as a broker user with the `impersonator` tag.
+//!
+//! A letter may be a message the gateway had already committed: the broker dead-letters a
+//! message on its own once its queue's `x-delivery-limit` is reached, which repeated crashes
+//! between a batch's commit and its acknowledgement can do. What such a message caused may
+//! never have been confirmed, and its replay, not delivered before as far as the broker knows,
+//! would only be answered as a duplicate. So replay first puts what the inbox row kept for it
+//! (its events and reply, same `message_id`s) in the outbox table, for the gateway's sweeper to
+//! publish again; a recipient that already had them can tell by their ids.
 
 use crate::broker::{self, INBOUND_EXCHANGE, Published};
 use crate::config::Config;
 use crate::dead_letter::read_header;
-use anyhow::bail;
+use crate::{relay, serve};
+use anyhow::{Context as _, bail};
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{FieldTable, ShortString};
+use sqlx::PgPool;
 use std::io::Write;
 
 /// One dead letter, as listed.
@@ -118,12 +128,15 @@ pub enum Selection {
     All,
 }
 
-/// Re-publishes the selected dead letters to `trio.inbound` and removes them from `trio.dead`.
+/// Re-publishes the selected dead letters to `trio.inbound` and removes them from `trio.dead`,
+/// after keeping in the outbox what an already committed one caused (see the module's doc).
 /// Returns how many were replayed.
 ///
 /// # Errors
-/// Broker failures; a letter whose re-publish is not confirmed stays in `trio.dead`.
+/// Broker or database failures; a letter whose re-publish is not confirmed stays in
+/// `trio.dead`.
 pub async fn replay(config: &Config, selection: &Selection) -> anyhow::Result<usize> {
+    let db = serve::connect_db(config, Some(config.broker_timeout)).await?;
     let pool = broker::pool(config, "dlq", 2)?;
     let channel = broker::channel(&pool, config.broker_timeout).await?;
     let publisher = broker::confirm_channel(&pool, config.broker_timeout).await?;
@@ -162,6 +175,12 @@ pub async fn replay(config: &Config, selection: &Selection) -> anyhow::Result<us
             t
         };
         headers = kept;
+        keep_what_it_caused(&db, &info).await.with_context(|| {
+            format!(
+                "keeping what message {} already caused; it stays in trio.dead",
+                info.message_id
+            )
+        })?;
         let props = delivery.properties.clone().with_headers(headers);
         let results = broker::publish_confirmed(
             &publisher,
@@ -191,5 +210,26 @@ pub async fn replay(config: &Config, selection: &Selection) -> anyhow::Result<us
     broker::close_channel(channel, "replayed", config.broker_timeout).await;
     broker::close_channel(publisher, "replayed", config.broker_timeout).await;
     broker::close_pool(&pool, config.broker_timeout).await;
+    db.close().await;
     Ok(replayed)
+}
+
+/// Puts in the outbox table, due at once, the outbound messages the inbox kept for a dead
+/// letter's message when the gateway committed it (none when it never did).
+async fn keep_what_it_caused(db: &PgPool, letter: &DeadLetterInfo) -> anyhow::Result<()> {
+    if letter.message_id.is_empty() {
+        return Ok(());
+    }
+    let stored: Option<Option<Vec<u8>>> =
+        sqlx::query_scalar("SELECT outbound FROM inbox WHERE sender = $1 AND message_id = $2")
+            .bind(&letter.sender)
+            .bind(&letter.message_id)
+            .fetch_optional(db)
+            .await?;
+    let Some(stored) = stored.flatten() else {
+        return Ok(());
+    };
+    let messages = trio_handlers::outbound::decode_stored(&stored)?;
+    relay::keep_in_outbox(db, &messages.iter().collect::<Vec<_>>()).await?;
+    Ok(())
 }

@@ -150,6 +150,15 @@ fn warn_unconfirmed(returned: usize, nacked: usize) {
     }
 }
 
+/// Puts outbound messages in the outbox table, due at once, for the sweeper to publish (`dlq
+/// replay`: what a dead letter's committed message caused).
+///
+/// # Errors
+/// Database failures.
+pub async fn keep_in_outbox(db: &PgPool, messages: &[&OutboundMessage]) -> sqlx::Result<()> {
+    insert_unconfirmed(db, &[], messages).await
+}
+
 /// One transaction with synchronous commit: the inbound acknowledgement follows it, so the rows
 /// must outlive a database crash (the relay's connections otherwise do not wait for the WAL).
 async fn insert_unconfirmed(

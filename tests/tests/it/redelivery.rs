@@ -2,20 +2,24 @@
 //! acknowledged only once the broker confirmed it (CONTRACT.md §4, §5): a message committed but
 //! never acknowledged — the process died between its commit and the confirms — is delivered
 //! again by the broker, answered as a duplicate, and publishes what it caused again, with the
-//! same message ids. What the broker cannot route yet, or refuses, waits in the outbox table
-//! instead, and is published again until the broker confirms it.
+//! same message ids; so does a committed message the broker dead-lettered, when the operator
+//! replays it. What the broker cannot route yet, or refuses, waits in the outbox table instead,
+//! and is published again until the broker confirms it.
 
 use crate::{GP, SEPP, World, assert_reply, count, trajet, upsert_from_oa};
 use crate::{inbound, queue_depth, settles_to_zero, world_without_gateway};
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
+use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::Duration;
-use trio_gateway::partner::Outgoing;
+use trio_gateway::partner::{Listener, Outgoing};
+use trio_handlers::context::Context;
 use trio_handlers::{OutboundMessage, SourceQueue, process_batch};
 use trio_schemas::MessageType;
 use trio_tests::{WAIT, request_with_id};
@@ -30,6 +34,52 @@ fn of_type<'a>(messages: &'a [OutboundMessage], message_type: &str) -> Vec<&'a O
         .iter()
         .filter(|m| m.message_type == message_type)
         .collect()
+}
+
+/// Commits an OA's `trajet.upsert` as a gateway would, publishing nothing: the ids of the two
+/// events (to the SEPP and the GP) it caused.
+async fn commit_without_publishing(
+    ctx: &Context,
+    message_id: &str,
+    body: &Value,
+) -> BTreeSet<Uuid> {
+    let first = process_batch(ctx, &[upsert_from_oa(message_id, body)])
+        .await
+        .unwrap();
+    assert_eq!(first.outcomes[0].status.as_str(), "accepted");
+    let caused = ids(&of_type(&first.outbound, "trajet.updated")
+        .into_iter()
+        .cloned()
+        .collect::<Vec<_>>());
+    assert_eq!(caused.len(), 2, "an event for the SEPP and one for the GP");
+    caused
+}
+
+/// The ids of the `trajet.updated` events the SEPP and the GP received, once both are quiet.
+async fn events_received(to_sepp: &mut Listener, to_gp: &mut Listener) -> BTreeSet<Uuid> {
+    let quiet = Duration::from_secs(2);
+    let mut deliveries = to_sepp.drain(quiet).await.unwrap();
+    deliveries.extend(to_gp.drain(quiet).await.unwrap());
+    deliveries
+        .iter()
+        .map(|delivery| {
+            assert_eq!(
+                delivery.properties.kind().as_ref().unwrap().as_str(),
+                "trajet.updated"
+            );
+            let id = delivery.properties.message_id().as_ref().unwrap().as_str();
+            Uuid::parse_str(id).unwrap()
+        })
+        .collect()
+}
+
+/// The stored version of the trajet with this ref.
+async fn version_of(w: &World, reference: &str) -> i64 {
+    sqlx::query_scalar("SELECT version FROM trajet WHERE ref = $1")
+        .bind(reference)
+        .fetch_one(&w.env.db)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -154,15 +204,7 @@ async fn a_message_committed_but_never_acknowledged_publishes_its_events_when_de
         .unwrap();
     assert!(!delivery.redelivered);
     // ... commits it (applied here as that gateway would) ...
-    let first = process_batch(&ctx, &[upsert_from_oa("m-crash", &body)])
-        .await
-        .unwrap();
-    assert_eq!(first.outcomes[0].status.as_str(), "accepted");
-    let caused = ids(&of_type(&first.outbound, "trajet.updated")
-        .into_iter()
-        .cloned()
-        .collect::<Vec<_>>());
-    assert_eq!(caused.len(), 2, "an event for the SEPP and one for the GP");
+    let caused = commit_without_publishing(&ctx, "m-crash", &body).await;
     // ... and dies before publishing or acknowledging anything.
     connection.close(200, "crash").await.unwrap();
 
@@ -171,25 +213,13 @@ async fn a_message_committed_but_never_acknowledged_publishes_its_events_when_de
     let reply = w.oa.reply_to("m-crash", WAIT).await.unwrap();
     assert_eq!(reply.body["status"], "duplicate");
     assert_eq!(reply.body["detail"], "accepted");
-    let quiet = Duration::from_secs(2);
-    let mut deliveries = to_sepp.drain(quiet).await.unwrap();
-    deliveries.extend(to_gp.drain(quiet).await.unwrap());
-    let mut received = BTreeSet::new();
-    for delivery in deliveries {
-        assert_eq!(
-            delivery.properties.kind().as_ref().unwrap().as_str(),
-            "trajet.updated"
-        );
-        let id = delivery.properties.message_id().as_ref().unwrap().as_str();
-        received.insert(Uuid::parse_str(id).unwrap());
-    }
-    assert_eq!(received, caused, "the events the first delivery committed");
+    assert_eq!(
+        events_received(&mut to_sepp, &mut to_gp).await,
+        caused,
+        "the events the first delivery committed"
+    );
     assert_eq!(count(&w.env, "outbox").await, 0);
-    let version: i64 = sqlx::query_scalar("SELECT version FROM trajet WHERE ref = 'crash'")
-        .fetch_one(&w.env.db)
-        .await
-        .unwrap();
-    assert_eq!(version, 1, "applied once");
+    assert_eq!(version_of(&w, "crash").await, 1, "applied once");
     w.env.finish().await;
 }
 
@@ -331,5 +361,74 @@ async fn an_event_the_broker_refuses_is_published_again_until_confirmed_and_the_
             d.properties.kind().as_ref().map(|k| k.as_str()) == Some("trajet.updated")
         })
     );
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn a_committed_message_the_broker_dead_lettered_publishes_its_events_when_replayed() {
+    let (mut w, ctx) = world_without_gateway(77).await;
+    let mut to_sepp = w.sepp.listen(&format!("sepp.{SEPP}")).await.unwrap();
+    let mut to_gp = w.gp.listen(&format!("gp.{GP}")).await.unwrap();
+    let body = trajet(&w.niss, "dead", "rtw_ami", "en_cours", 1);
+    w.oa.publish(&Outgoing::json("oa", "trajet.upsert", "m-dead", &body))
+        .await
+        .unwrap();
+    // A gateway commits the message (applied here as it would) ...
+    let caused = commit_without_publishing(&ctx, "m-dead", &body).await;
+    // ... and never acknowledges it, delivery after delivery, until the inbound queue's
+    // `x-delivery-limit` makes the broker dead-letter it.
+    let connection =
+        Connection::connect(&w.env.amqp_url_as("guest"), ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut dead = 0;
+    for _ in 0..200 {
+        dead = queue_depth(&w.env, "trio.dead").await;
+        if dead == 1 {
+            break;
+        }
+        let got = channel
+            .basic_get("trio.inbound.oa", BasicGetOptions { no_ack: false })
+            .await
+            .unwrap();
+        match got {
+            Some(message) => channel
+                .basic_nack(
+                    message.delivery.delivery_tag,
+                    BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    },
+                )
+                .await
+                .unwrap(),
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert_eq!(dead, 1, "the broker dead-lettered the message");
+    connection.close(200, "done").await.unwrap();
+    let letters = trio_gateway::dlq::list(&w.env.config, 10).await.unwrap();
+    assert_eq!(letters[0].error, "delivery_limit (broker)");
+
+    // The operator replays it once a gateway runs: it is a duplicate, and what it caused goes
+    // out again, with the ids the commit gave it.
+    w.env.start_gateway();
+    let replayed = trio_gateway::dlq::replay(
+        &w.env.config,
+        &trio_gateway::dlq::Selection::Id("m-dead".into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(replayed, 1);
+    let reply = w.oa.reply_to("m-dead", WAIT).await.unwrap();
+    assert_eq!(reply.body["status"], "duplicate");
+    assert_eq!(
+        events_received(&mut to_sepp, &mut to_gp).await,
+        caused,
+        "the events the commit caused"
+    );
+    assert_eq!(settles_to_zero(|| count(&w.env, "outbox")).await, 0);
+    assert_eq!(version_of(&w, "dead").await, 1, "applied once");
     w.env.finish().await;
 }
