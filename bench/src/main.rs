@@ -5,7 +5,8 @@
 //! the management API of `TRIO_AMQP_ADMIN_URL`, in a fresh vhost and database that it removes at
 //! the end, it runs the phases of [`phases`] and prints, as its last line,
 //! `ratio=… gateway=… relay=… p99_ms=… rss_mb=…`. `--quick` runs small counts (a smoke check);
-//! `--messages N` sets the message count of the 1:1, scale and two-process phases.
+//! `--messages N` sets the message count of the 1:1, scale and two-process phases,
+//! `--half-load-seconds S` the length of the half-load phase.
 
 mod amqp;
 mod cpu;
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
     }
     let mut quick = false;
     let mut messages: Option<u64> = None;
+    let mut half_load_seconds: Option<f64> = None;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -40,14 +42,22 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             },
+            "--half-load-seconds" => match args.next().and_then(|s| s.parse::<f64>().ok()) {
+                Some(s) if s.is_finite() && s > 0.0 => half_load_seconds = Some(s),
+                _ => {
+                    eprintln!("trio-bench: --half-load-seconds takes a positive number");
+                    return ExitCode::from(2);
+                }
+            },
             "-h" | "--help" => {
                 println!(
-                    "trio-bench [--quick] [--messages N]\n\nBenchmarks the TRIO gateway (release `serve`, default \
+                    "trio-bench [--quick] [--messages N] [--half-load-seconds S]\n\nBenchmarks the TRIO gateway (release `serve`, default \
                      settings, as a child process) against a plain lapin relay, in a fresh vhost \
                      and database. Services: TRIO_AMQP_URL, TRIO_DATABASE_URL, TRIO_AMQP_ADMIN_URL \
-                     (local defaults).\n\n--quick          small counts (a smoke check)\n--messages N     \
+                     (local defaults).\n\n--quick                small counts (a smoke check)\n--messages N           \
                      trajet.upsert count of the 1:1, scale and two-process phases (e.g. a longer \
-                     1:1 phase to profile)"
+                     1:1 phase to profile)\n--half-load-seconds S  length of the half-load \
+                     phase in seconds (20; 2 with --quick, too short to say much about its tail)"
                 );
                 return ExitCode::SUCCESS;
             }
@@ -64,7 +74,7 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return report(Err(e.into())),
     };
-    report(runtime.block_on(phases::run(quick, messages)))
+    report(runtime.block_on(phases::run(quick, messages, half_load_seconds)))
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

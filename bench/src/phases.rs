@@ -71,15 +71,22 @@ const RELAY_IN: &str = "bench.relay.in";
 const RELAY_OUT: &str = "bench.relay.out";
 
 /// Runs every phase in a fresh world and removes it, whatever happened. `messages` overrides the
-/// message count of phases 3, 5 and 7.
+/// message count of phases 3, 5 and 7, `half_load_seconds` the length of phase 4.
 ///
 /// # Errors
 /// When a service is down, a phase fails or loses messages.
-pub async fn run(quick: bool, messages: Option<u64>) -> anyhow::Result<()> {
+pub async fn run(
+    quick: bool,
+    messages: Option<u64>,
+    half_load_seconds: Option<f64>,
+) -> anyhow::Result<()> {
     let mut sizes = if quick { QUICK } else { FULL };
     if let Some(n) = messages {
         sizes.one_to_one = n;
         sizes.two = n;
+    }
+    if let Some(seconds) = half_load_seconds {
+        sizes.half_load_seconds = seconds;
     }
     let sizes = &sizes;
     let world = World::create().await?;
