@@ -663,3 +663,73 @@ fn xml_shape_errors_are_invalid() {
     );
     xml(MessageType::TrajetUpsert, &body).expect("pretty-printed ok");
 }
+
+/// The JSON samples of `samples/valid` and `samples/invalid` of the inbound types this version
+/// decodes, with their message type.
+fn json_samples() -> Vec<(String, MessageType, Vec<u8>)> {
+    let mut samples = Vec::new();
+    for sub in ["valid", "invalid"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("samples")
+            .join(sub);
+        for entry in std::fs::read_dir(&dir).expect("samples directory") {
+            let path = entry.expect("dir entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).expect("name");
+            let Some(stem) = name.strip_suffix(".json") else {
+                continue;
+            };
+            // `trajet.upsert.2` or `invalid-trajet.upsert-version-zero`
+            let type_name = match stem.split('-').nth(1) {
+                Some(t) => t.to_owned(),
+                None => stem.rsplit_once('.').map_or(stem, |(t, _)| t).to_owned(),
+            };
+            // Outbound types have samples too; only inbound ones are decoded.
+            let Some(message_type) = MessageType::parse(&type_name).filter(|t| t.is_implemented())
+            else {
+                continue;
+            };
+            let body = std::fs::read(&path).expect("sample");
+            samples.push((name.to_owned(), message_type, body));
+        }
+    }
+    samples
+}
+
+#[test]
+fn the_json_shortcut_accepts_exactly_what_the_full_path_accepts_and_decodes_it_the_same() {
+    let samples = json_samples();
+    assert!(
+        samples.len() > 30,
+        "the samples were found: {}",
+        samples.len()
+    );
+    for (name, message_type, body) in samples {
+        let full = decode_fully(message_type, ContentType::Json, &body);
+        let shortcut = valid_json_shortcut(message_type, &body);
+        match full {
+            Ok(message) => assert_eq!(shortcut, Some(message), "{name}"),
+            Err(e) => assert!(shortcut.is_none(), "{name}: the full path says {e}"),
+        }
+    }
+}
+
+#[test]
+fn the_json_shortcut_leaves_arrays_duplicates_and_trailing_text_to_the_full_path() {
+    let trajet = trajet_with("");
+    assert!(valid_json_shortcut(MessageType::TrajetUpsert, trajet.as_bytes()).is_some());
+    let spaced = format!(" \n\t{trajet}");
+    assert!(valid_json_shortcut(MessageType::TrajetUpsert, spaced.as_bytes()).is_some());
+    // A struct deserializes from an array too, field by field; the contract wants an object.
+    let array = format!(
+        r#"["{NISS_A}", {{"ref": "T-1", "type": "rtw_ami", "status": "en_cours", "version": 1}}]"#
+    );
+    assert!(valid_json_shortcut(MessageType::TrajetUpsert, array.as_bytes()).is_none());
+    assert!(matches!(
+        json(MessageType::TrajetUpsert, &array),
+        Err(DecodeError::Invalid(_))
+    ));
+    let duplicated = format!(r#"{{"niss": "{NISS_A}", "niss": "{NISS_B}"}}"#);
+    assert!(valid_json_shortcut(MessageType::DossierOpen, duplicated.as_bytes()).is_none());
+    let trailing = format!("{trajet} x");
+    assert!(valid_json_shortcut(MessageType::TrajetUpsert, trailing.as_bytes()).is_none());
+}
