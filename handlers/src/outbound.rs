@@ -87,21 +87,26 @@ pub fn reply(
 }
 
 /// An event on `trio.outbound` for one recipient, in the recipient's registered format.
-pub fn event(
+///
+/// # Errors
+/// When `body` does not serialize as a JSON object (a bug: event bodies are typed).
+pub fn event<B: Serialize + ?Sized>(
     cause: (&str, &str),
     message_type: &str,
     recipient_routing_key: &str,
     format: Format,
-    body: &Value,
+    body: &B,
     traceparent: Option<&str>,
-) -> OutboundMessage {
+) -> serde_json::Result<OutboundMessage> {
     let encoded = match format {
-        Format::Json => body.to_string().into_bytes(),
-        Format::Xml => {
-            trio_schemas::xml::to_xml(&message_type.replace('.', "_"), body).into_bytes()
-        }
+        Format::Json => serde_json::to_vec(body)?,
+        Format::Xml => trio_schemas::xml::to_xml(
+            &message_type.replace('.', "_"),
+            &serde_json::to_value(body)?,
+        )
+        .into_bytes(),
     };
-    OutboundMessage {
+    Ok(OutboundMessage {
         message_id: stable_message_id(&[
             "event",
             cause.0,
@@ -116,7 +121,7 @@ pub fn event(
         correlation_id: None,
         traceparent: traceparent.map(str::to_owned),
         body: encoded,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -140,7 +145,8 @@ mod tests {
             Format::Xml,
             &serde_json::json!({"version": 2}),
             None,
-        );
+        )
+        .unwrap();
         let messages = vec![reply, event];
         let stored = encode_stored(&messages);
         assert_eq!(decode_stored(&stored).unwrap(), messages);

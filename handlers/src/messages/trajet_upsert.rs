@@ -6,7 +6,8 @@ use crate::outbound;
 use crate::outcome::{Outcome, RejectCode, Rejection};
 use crate::rules;
 use crate::state::{HistoryRow, OrgKey, State, TrajetKey, TrajetRow};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::json;
 use trio_schemas::{Consent, OrgKind, TrajetUpsert};
 
 /// DOMAIN.md §2.1 and §12 #1: the organisation has a current relation and the insured is alive.
@@ -133,20 +134,22 @@ pub(crate) fn handle(
         }),
     });
 
-    let body = trajet_updated_body(&dossier.number, &pseudonym, &key, &row);
+    let body = TrajetUpdated::new(&dossier.number, &pseudonym, &key, &row);
     for (recipient, format) in state.related_actors(&insured) {
         if recipient == org {
             continue;
         }
         let routing_key = format!("{}.{}", recipient.0.as_str(), recipient.1);
-        state.outbox.push(outbound::event(
+        let event = outbound::event(
             cause,
             "trajet.updated",
             &routing_key,
             format,
             &body,
             traceparent,
-        ));
+        )
+        .map_err(|e| super::HandlerBug(format!("encoding a trajet.updated: {e}")))?;
+        state.outbox.push(event);
     }
     state.put_trajet(key, row);
     Ok(Decision::Done(
@@ -162,30 +165,136 @@ pub(crate) fn handle(
 
 /// The `trajet.updated` body (CONTRACT.md §4): only owner, ref, version, type and status once
 /// consent is withdrawn.
-fn trajet_updated_body(number: &str, pseudonym: &str, key: &TrajetKey, row: &TrajetRow) -> Value {
-    let mut trajet = Map::new();
-    trajet.insert(
-        "owner".into(),
-        json!({ "kind": key.owner_kind.as_str(), "id": key.owner_id }),
-    );
-    trajet.insert("ref".into(), json!(key.reference));
-    trajet.insert("version".into(), json!(row.version));
-    trajet.insert("type".into(), json!(row.trajet_type.as_str()));
-    trajet.insert("status".into(), json!(row.status));
-    if row.consent != Some(Consent::Withdrawn) {
-        let dates = [
-            ("request_received_on", row.request_received_on),
-            ("start_on", row.start_on),
-            ("end_on", row.end_on),
-        ];
-        for (name, date) in dates {
-            if let Some(d) = date {
-                trajet.insert(name.into(), json!(d.to_string()));
-            }
-        }
-        if let Some(c) = row.consent {
-            trajet.insert("consent".into(), json!(c.as_str()));
+///
+/// Typed rather than a `serde_json::Value`, which cost a map, a key and a copy of the ~600-byte
+/// pseudonym per field on every message. The fields are in alphabetical order, the order a
+/// `Value` object keeps, so the JSON is byte for byte what the `Value` gave.
+#[derive(Debug, Serialize)]
+struct TrajetUpdated<'a> {
+    dossier_number: &'a str,
+    pseudonym: &'a str,
+    trajet: UpdatedTrajet<'a>,
+}
+
+/// The `trajet` object of [`TrajetUpdated`].
+#[derive(Debug, Serialize)]
+struct UpdatedTrajet<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    consent: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end_on: Option<String>,
+    owner: Owner<'a>,
+    #[serde(rename = "ref")]
+    reference: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_received_on: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start_on: Option<String>,
+    status: &'a str,
+    #[serde(rename = "type")]
+    trajet_type: &'static str,
+    version: i64,
+}
+
+/// The trajet's owner in [`UpdatedTrajet`].
+#[derive(Debug, Serialize)]
+struct Owner<'a> {
+    id: &'a str,
+    kind: &'static str,
+}
+
+impl<'a> TrajetUpdated<'a> {
+    fn new(number: &'a str, pseudonym: &'a str, key: &'a TrajetKey, row: &'a TrajetRow) -> Self {
+        let shown = row.consent != Some(Consent::Withdrawn);
+        let date = |d: Option<time::Date>| d.filter(|_| shown).map(|d| d.to_string());
+        TrajetUpdated {
+            dossier_number: number,
+            pseudonym,
+            trajet: UpdatedTrajet {
+                consent: row.consent.filter(|_| shown).map(Consent::as_str),
+                end_on: date(row.end_on),
+                owner: Owner {
+                    id: &key.owner_id,
+                    kind: key.owner_kind.as_str(),
+                },
+                reference: &key.reference,
+                request_received_on: date(row.request_received_on),
+                start_on: date(row.start_on),
+                status: &row.status,
+                trajet_type: row.trajet_type.as_str(),
+                version: row.version,
+            },
         }
     }
-    json!({ "dossier_number": number, "pseudonym": pseudonym, "trajet": trajet })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+    use time::macros::date;
+    use trio_schemas::TrajetType;
+
+    fn key() -> TrajetKey {
+        TrajetKey {
+            owner_kind: OrgKind::Oa,
+            owner_id: "300".to_owned(),
+            reference: "T-1".to_owned(),
+        }
+    }
+
+    fn row(consent: Option<Consent>) -> TrajetRow {
+        TrajetRow {
+            dossier_id: 7,
+            trajet_type: TrajetType::RtwAmi,
+            status: "en_cours".to_owned(),
+            version: 3,
+            request_received_on: Some(date!(2026 - 01 - 02)),
+            start_on: Some(date!(2026 - 01 - 05)),
+            end_on: None,
+            consent,
+        }
+    }
+
+    /// The JSON of a body, as the gateway sent it when it built the body as a
+    /// `serde_json::Value` (keys sorted).
+    fn as_value_gave(trajet: Value) -> String {
+        json!({
+            "dossier_number": "TRIO-00000007",
+            "pseudonym": "eyJhbGc.x.y",
+            "trajet": trajet,
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn the_trajet_updated_body_is_the_json_partners_have_always_received() {
+        let key = key();
+        let encoded = |row: &TrajetRow| {
+            serde_json::to_string(&TrajetUpdated::new(
+                "TRIO-00000007",
+                "eyJhbGc.x.y",
+                &key,
+                row,
+            ))
+            .unwrap()
+        };
+        assert_eq!(
+            encoded(&row(Some(Consent::Given))),
+            as_value_gave(json!({
+                "owner": {"kind": "oa", "id": "300"},
+                "ref": "T-1", "version": 3, "type": "rtw_ami", "status": "en_cours",
+                "request_received_on": "2026-01-02", "start_on": "2026-01-05",
+                "consent": "given",
+            }))
+        );
+        // Consent withdrawn: owner, ref, version, type and status only (CONTRACT.md §4).
+        assert_eq!(
+            encoded(&row(Some(Consent::Withdrawn))),
+            as_value_gave(json!({
+                "owner": {"kind": "oa", "id": "300"},
+                "ref": "T-1", "version": 3, "type": "rtw_ami", "status": "en_cours",
+            }))
+        );
+    }
 }
