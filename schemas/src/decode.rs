@@ -144,16 +144,16 @@ impl PayloadSource for FromValue {
     }
 }
 
-/// JSON text, with duplicated keys refused; its errors say nothing useful (the shortcut
-/// discards them).
+/// JSON text, with duplicated keys refused. Its errors say nothing (the shortcut discards them,
+/// and serde's messages may quote the input, a NISS among it).
 struct FromText<'a>(&'a str);
 
 impl PayloadSource for FromText<'_> {
     fn typed<T: DeserializeOwned + Validate>(self) -> Result<T, DecodeError> {
-        let unreadable = |e: serde_json::Error| DecodeError::Unreadable(e.to_string());
-        let message: T = serde_json::from_str(self.0).map_err(unreadable)?;
+        let declined = |_| DecodeError::Unreadable("left to the full path".to_owned());
+        let message: T = serde_json::from_str(self.0).map_err(declined)?;
         let mut de = serde_json::Deserializer::from_str(self.0);
-        NoDuplicateKeys::deserialize(&mut de).map_err(unreadable)?;
+        NoDuplicateKeys::deserialize(&mut de).map_err(declined)?;
         message.validate().map_err(DecodeError::Invalid)?;
         Ok(message)
     }

@@ -166,9 +166,9 @@ pub(crate) fn handle(
 /// The `trajet.updated` body (CONTRACT.md §4): only owner, ref, version, type and status once
 /// consent is withdrawn.
 ///
-/// Typed rather than a `serde_json::Value`, which cost a map, a key and a copy of the ~600-byte
-/// pseudonym per field on every message. The fields are in alphabetical order, the order a
-/// `Value` object keeps, so the JSON is byte for byte what the `Value` gave.
+/// Typed rather than a `serde_json::Value`, which cost a map per object, a string per key and a
+/// copy of the ~600-byte pseudonym on every message. The fields are in alphabetical order, the
+/// order a `Value` object keeps, so the JSON is byte for byte what the `Value` gave.
 #[derive(Debug, Serialize)]
 struct TrajetUpdated<'a> {
     dossier_number: &'a str,

@@ -384,7 +384,19 @@ async fn a_committed_message_the_broker_dead_lettered_publishes_its_events_when_
     let channel = connection.create_channel().await.unwrap();
     let mut dead = 0;
     for _ in 0..200 {
-        dead = queue_depth(&w.env, "trio.dead").await;
+        // A passive declare counts the ready messages exactly (the management API lags).
+        dead = channel
+            .queue_declare(
+                "trio.dead",
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count();
         if dead == 1 {
             break;
         }
