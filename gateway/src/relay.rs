@@ -170,11 +170,10 @@ async fn insert_unconfirmed(
     sqlx::query("SET LOCAL synchronous_commit = on")
         .execute(&mut *tx)
         .await?;
-    for (messages, retry_in) in [(returned, RETURNED_RETRY_SECONDS), (nacked, 0.0)] {
-        if messages.is_empty() {
+    for (m, retry_in) in [(returned, RETURNED_RETRY_SECONDS), (nacked, 0.0)] {
+        if m.is_empty() {
             continue;
         }
-        let m = messages;
         sqlx::query(
             "INSERT INTO outbox (message_id, exchange, routing_key, type, content_type, \
                                  correlation_id, traceparent, body, claimed_until, attempts) \

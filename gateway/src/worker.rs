@@ -515,6 +515,15 @@ mod tests {
         (acked, task)
     }
 
+    /// Queues a committed batch for the acker.
+    async fn wait_for(
+        acks: &mpsc::Sender<PendingAck>,
+        settled: Option<oneshot::Receiver<()>>,
+        last_tag: Option<u64>,
+    ) {
+        acks.send(PendingAck { settled, last_tag }).await.unwrap();
+    }
+
     fn acked(tags: &Arc<Mutex<Vec<u64>>>) -> Vec<u64> {
         tags.lock().unwrap().clone()
     }
@@ -525,32 +534,12 @@ mod tests {
         let (tags, task) = acker(pending);
         let (first_settled, first) = oneshot::channel();
         let (second_settled, second) = oneshot::channel();
-        acks.send(PendingAck {
-            settled: Some(first),
-            last_tag: Some(200),
-        })
-        .await
-        .unwrap();
-        acks.send(PendingAck {
-            settled: Some(second),
-            last_tag: Some(400),
-        })
-        .await
-        .unwrap();
+        wait_for(&acks, Some(first), Some(200)).await;
+        wait_for(&acks, Some(second), Some(400)).await;
         // A batch without outbound messages still waits for the ones before it.
-        acks.send(PendingAck {
-            settled: None,
-            last_tag: Some(450),
-        })
-        .await
-        .unwrap();
+        wait_for(&acks, None, Some(450)).await;
         // Every delivery of this one was requeued: nothing to ack.
-        acks.send(PendingAck {
-            settled: None,
-            last_tag: None,
-        })
-        .await
-        .unwrap();
+        wait_for(&acks, None, None).await;
 
         // The second batch is confirmed first: its `multiple` ack would cover the first's
         // deliveries too, so nothing is acked yet.
@@ -571,18 +560,8 @@ mod tests {
         let (acks, pending) = mpsc::channel(4);
         let (tags, task) = acker(pending);
         let (given_up, first) = oneshot::channel::<()>();
-        acks.send(PendingAck {
-            settled: Some(first),
-            last_tag: Some(7),
-        })
-        .await
-        .unwrap();
-        acks.send(PendingAck {
-            settled: None,
-            last_tag: Some(9),
-        })
-        .await
-        .unwrap();
+        wait_for(&acks, Some(first), Some(7)).await;
+        wait_for(&acks, None, Some(9)).await;
         drop(given_up);
         let e = task.await.unwrap().unwrap_err();
         assert!(format!("{e:#}").contains("gave up"), "{e:#}");

@@ -66,7 +66,7 @@ pub struct Inbound {
     /// W3C `traceparent` header, carried onto what the message causes.
     pub traceparent: Option<String>,
     /// The broker delivered it before (AMQP `redelivered`): an earlier delivery may have been
-    /// committed without its reply ever reaching the sender.
+    /// committed without its reply and events ever being confirmed.
     pub redelivered: bool,
     /// The decoded payload, or why it is not a valid payload of its type (`invalid_payload`).
     pub payload: Result<Message, String>,

@@ -47,9 +47,12 @@ pub struct OutboxEntry {
 
 /// The outbound messages one inbound message caused, as its inbox row keeps them (`postcard`, a
 /// compact serde encoding): what a redelivery of that message publishes again.
-pub fn encode_stored(messages: &[OutboundMessage]) -> Vec<u8> {
-    // Serialising plain owned fields into a Vec cannot fail; an empty list is the fallback.
-    postcard::to_allocvec(messages).unwrap_or_default()
+///
+/// # Errors
+/// Only if `postcard` could not encode plain owned fields (the batch then fails rather than
+/// keep a row that would publish nothing again).
+pub fn encode_stored(messages: &[OutboundMessage]) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_allocvec(messages)
 }
 
 /// Reads what [`encode_stored`] wrote.
@@ -148,10 +151,10 @@ mod tests {
         )
         .unwrap();
         let messages = vec![reply, event];
-        let stored = encode_stored(&messages);
+        let stored = encode_stored(&messages).unwrap();
         assert_eq!(decode_stored(&stored).unwrap(), messages);
         assert!(decode_stored(&stored[..stored.len() - 1]).is_err());
-        assert_eq!(decode_stored(&encode_stored(&[])).unwrap(), vec![]);
+        assert_eq!(decode_stored(&encode_stored(&[]).unwrap()).unwrap(), vec![]);
     }
 
     #[test]

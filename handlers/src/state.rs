@@ -1344,13 +1344,16 @@ impl State {
             .collect();
         let h = &self.history;
         let i = &self.new_inbox;
-        let stored: Vec<Option<Vec<u8>>> = i
+        let stored = i
             .iter()
             .map(|r| {
                 let caused = &self.outbox[r.outbound.clone()];
-                (!caused.is_empty()).then(|| outbound::encode_stored(caused))
+                (!caused.is_empty())
+                    .then(|| outbound::encode_stored(caused))
+                    .transpose()
             })
-            .collect();
+            .collect::<Result<Vec<Option<Vec<u8>>>, _>>()
+            .map_err(|e| sqlx::Error::Encode(e.into()))?;
         let row = sqlx::query(FLUSH_HOT)
             .bind(
                 t.iter()
@@ -1465,14 +1468,14 @@ WITH written AS (
                          $6::text[], $7::bigint[], $8::date[], $9::date[], $10::date[],
                          $11::text[], $27::bool[])
         AS w(owner_kind, owner_id, ref, dossier_id, type, status, version,
-             request_received_on, start_on, end_on, consent, stored)
+             request_received_on, start_on, end_on, consent, loaded)
 ), updated AS (
     UPDATE trajet t SET
         dossier_id = w.dossier_id, status = w.status, version = w.version,
         request_received_on = w.request_received_on, start_on = w.start_on,
         end_on = w.end_on, consent = w.consent, updated_at = now()
     FROM written w
-    WHERE w.stored AND t.owner_kind = w.owner_kind AND t.owner_id = w.owner_id
+    WHERE w.loaded AND t.owner_kind = w.owner_kind AND t.owner_id = w.owner_id
       AND t.ref = w.ref
     RETURNING 1
 ), created AS (
@@ -1480,7 +1483,7 @@ WITH written AS (
                         request_received_on, start_on, end_on, consent)
     SELECT owner_kind, owner_id, ref, dossier_id, type, status, version,
            request_received_on, start_on, end_on, consent
-    FROM written WHERE NOT stored
+    FROM written WHERE NOT loaded
 ), history_lines AS (
     INSERT INTO history (dossier_id, actor_kind, actor_id, resource, operation, detail)
     SELECT d, ak, ai, r, o, de::jsonb

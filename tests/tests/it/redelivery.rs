@@ -14,7 +14,7 @@ use lapin::options::{
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -34,6 +34,45 @@ fn of_type<'a>(messages: &'a [OutboundMessage], message_type: &str) -> Vec<&'a O
         .iter()
         .filter(|m| m.message_type == message_type)
         .collect()
+}
+
+/// No gateway running, the SEPP and the GP listening, and an OA's `trajet.upsert` waiting in its
+/// queue.
+struct Waiting {
+    w: World,
+    ctx: Context,
+    to_sepp: Listener,
+    to_gp: Listener,
+    body: Value,
+}
+
+/// [`Waiting`], for trajet `reference`, published as `message_id`.
+async fn oa_upsert_waiting(seq: u32, reference: &str, message_id: &str) -> Waiting {
+    let (w, ctx) = world_without_gateway(seq).await;
+    let to_sepp = w.sepp.listen(&format!("sepp.{SEPP}")).await.unwrap();
+    let to_gp = w.gp.listen(&format!("gp.{GP}")).await.unwrap();
+    let body = trajet(&w.niss, reference, "rtw_ami", "en_cours", 1);
+    w.oa.publish(&Outgoing::json("oa", "trajet.upsert", message_id, &body))
+        .await
+        .unwrap();
+    Waiting {
+        w,
+        ctx,
+        to_sepp,
+        to_gp,
+        body,
+    }
+}
+
+/// A channel as the operator (`guest`), on a connection of the test's own (as a gateway about
+/// to die would hold, or to shape the broker).
+async fn operator_channel(w: &World) -> (Connection, Channel) {
+    let connection =
+        Connection::connect(&w.env.amqp_url_as("guest"), ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    (connection, channel)
 }
 
 /// Commits an OA's `trajet.upsert` as a gateway would, publishing nothing: the ids of the two
@@ -174,20 +213,15 @@ async fn a_duplicate_publishes_again_what_its_first_delivery_caused_once_per_bat
 
 #[tokio::test]
 async fn a_message_committed_but_never_acknowledged_publishes_its_events_when_delivered_again() {
-    let (mut w, ctx) = world_without_gateway(61).await;
-    let mut to_sepp = w.sepp.listen(&format!("sepp.{SEPP}")).await.unwrap();
-    let mut to_gp = w.gp.listen(&format!("gp.{GP}")).await.unwrap();
-    let body = trajet(&w.niss, "crash", "rtw_ami", "en_cours", 1);
-
     // A gateway takes the message from its queue ...
-    w.oa.publish(&Outgoing::json("oa", "trajet.upsert", "m-crash", &body))
-        .await
-        .unwrap();
-    let connection =
-        Connection::connect(&w.env.amqp_url_as("guest"), ConnectionProperties::default())
-            .await
-            .unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let Waiting {
+        mut w,
+        ctx,
+        mut to_sepp,
+        mut to_gp,
+        body,
+    } = oa_upsert_waiting(61, "crash", "m-crash").await;
+    let (connection, channel) = operator_channel(&w).await;
     let mut taken = channel
         .basic_consume(
             "trio.inbound.oa",
@@ -278,11 +312,7 @@ async fn an_event_the_broker_refuses_is_published_again_until_confirmed_and_the_
     // A full queue that refuses what it is given, bound to the SEPP's routing key: the broker
     // still delivers the SEPP's event to the SEPP's own queue, but answers its publish with a
     // nack, as it would for a queue over its length limit.
-    let operator =
-        Connection::connect(&w.env.amqp_url_as("guest"), ConnectionProperties::default())
-            .await
-            .unwrap();
-    let channel = operator.create_channel().await.unwrap();
+    let (_operator, channel) = operator_channel(&w).await;
     let mut refusing = FieldTable::default();
     refusing.insert("x-max-length".into(), AMQPValue::LongInt(0));
     refusing.insert(
@@ -366,22 +396,18 @@ async fn an_event_the_broker_refuses_is_published_again_until_confirmed_and_the_
 
 #[tokio::test]
 async fn a_committed_message_the_broker_dead_lettered_publishes_its_events_when_replayed() {
-    let (mut w, ctx) = world_without_gateway(77).await;
-    let mut to_sepp = w.sepp.listen(&format!("sepp.{SEPP}")).await.unwrap();
-    let mut to_gp = w.gp.listen(&format!("gp.{GP}")).await.unwrap();
-    let body = trajet(&w.niss, "dead", "rtw_ami", "en_cours", 1);
-    w.oa.publish(&Outgoing::json("oa", "trajet.upsert", "m-dead", &body))
-        .await
-        .unwrap();
+    let Waiting {
+        mut w,
+        ctx,
+        mut to_sepp,
+        mut to_gp,
+        body,
+    } = oa_upsert_waiting(77, "dead", "m-dead").await;
     // A gateway commits the message (applied here as it would) ...
     let caused = commit_without_publishing(&ctx, "m-dead", &body).await;
     // ... and never acknowledges it, delivery after delivery, until the inbound queue's
     // `x-delivery-limit` makes the broker dead-letter it.
-    let connection =
-        Connection::connect(&w.env.amqp_url_as("guest"), ConnectionProperties::default())
-            .await
-            .unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (connection, channel) = operator_channel(&w).await;
     let mut dead = 0;
     for _ in 0..200 {
         // A passive declare counts the ready messages exactly (the management API lags).
