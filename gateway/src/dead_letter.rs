@@ -93,7 +93,7 @@ fn reply_for(delivery: &Delivery, letter: &DeadLetter) -> Option<trio_handlers::
         message_id,
         reply_to,
         outcome.status.as_str(),
-        &outcome.reply_body(),
+        outcome.reply_body().ok()?,
         crate::envelope::header_str(delivery, "traceparent").as_deref(),
     ))
 }

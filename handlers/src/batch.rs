@@ -407,7 +407,7 @@ fn apply_one(
     if let Some(first) = state.recorded_outcome(sender_key, &inbound.message_id) {
         let outcome = Outcome::duplicate_of(first);
         state.republish_stored(sender_key, &inbound.message_id, inbound.redelivered)?;
-        push_reply(state, inbound, &outcome);
+        push_reply(state, inbound, &outcome)?;
         return Ok(outcome);
     }
     let outbound_from = state.outbox.len();
@@ -416,7 +416,7 @@ fn apply_one(
         Decision::Done(outcome, dossier) => (outcome, dossier),
         Decision::Rejected(rejection) => (Outcome::rejected(rejection), None),
     };
-    push_reply(state, inbound, &outcome);
+    push_reply(state, inbound, &outcome)?;
     state.record_outcome(
         sender_key,
         &inbound.message_id,
@@ -428,17 +428,18 @@ fn apply_one(
     Ok(outcome)
 }
 
-fn push_reply(state: &mut State, inbound: &Inbound, outcome: &Outcome) {
+fn push_reply(state: &mut State, inbound: &Inbound, outcome: &Outcome) -> Result<(), HandlerBug> {
     if let Some(reply_to) = &inbound.reply_to {
         state.outbox.push(outbound::reply(
             inbound.sender_key(),
             &inbound.message_id,
             reply_to,
             outcome.status.as_str(),
-            &outcome.reply_body(),
+            outcome.reply_body()?,
             inbound.traceparent.as_deref(),
         ));
     }
+    Ok(())
 }
 
 fn decide(

@@ -3,7 +3,6 @@
 //! outbox table when the broker could not take them yet (see the gateway's relay).
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use trio_schemas::Format;
 use uuid::Uuid;
 
@@ -74,7 +73,7 @@ pub fn reply(
     inbound_message_id: &str,
     reply_to: &str,
     status: &str,
-    body: &Value,
+    body: Vec<u8>,
     traceparent: Option<&str>,
 ) -> OutboundMessage {
     OutboundMessage {
@@ -85,7 +84,7 @@ pub fn reply(
         content_type: "application/json".to_owned(),
         correlation_id: Some(inbound_message_id.to_owned()),
         traceparent: traceparent.map(str::to_owned),
-        body: body.to_string().into_bytes(),
+        body,
     }
 }
 
@@ -138,7 +137,7 @@ mod tests {
             "m1",
             "replies.oa",
             "accepted",
-            &serde_json::json!({"status": "accepted"}),
+            br#"{"status":"accepted"}"#.to_vec(),
             Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
         );
         let event = event(

@@ -1,6 +1,7 @@
 //! Outcomes: the one result every inbound message ends in (CONTRACT.md §4), and the reply body.
 
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::value::{RawValue, to_raw_value};
 use std::fmt;
 
 /// The reply status.
@@ -127,7 +128,12 @@ impl Rejection {
 }
 
 /// The outcome of one inbound message.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Its result is JSON text, serialized once where the handler builds it: the flush stores that
+/// text in the inbox and a reply embeds it as it is. (A `serde_json::Value` here cost a map per
+/// object, a copy of the ~600-byte pseudonym, a clone per record and an encoding per flush, on
+/// every message.)
+#[derive(Debug, Clone)]
 pub struct Outcome {
     /// Reply status.
     pub status: Status,
@@ -135,29 +141,46 @@ pub struct Outcome {
     pub code: Option<String>,
     /// Human-readable detail.
     pub detail: String,
-    /// Result object (`{}` when there is none).
-    pub result: Value,
+    /// Result object (`{}` when there is none), as JSON text.
+    pub result: Box<RawValue>,
+}
+
+/// Outcomes are equal when their result texts are: results are built by the same code from the
+/// same inputs, or read back as stored.
+impl PartialEq for Outcome {
+    fn eq(&self, other: &Self) -> bool {
+        self.status == other.status
+            && self.code == other.code
+            && self.detail == other.detail
+            && self.result.get() == other.result.get()
+    }
 }
 
 impl Outcome {
     /// Accepted with a result object.
-    pub fn accepted(result: Value) -> Self {
-        Self {
+    ///
+    /// # Errors
+    /// When `result` does not serialize (a bug: results are typed or `json!` objects).
+    pub fn accepted(result: &impl Serialize) -> serde_json::Result<Self> {
+        Ok(Self {
             status: Status::Accepted,
             code: None,
             detail: String::new(),
-            result,
-        }
+            result: to_raw_value(result)?,
+        })
     }
 
     /// Stale: the stored version is not older.
-    pub fn stale(detail: impl Into<String>, result: Value) -> Self {
-        Self {
+    ///
+    /// # Errors
+    /// When `result` does not serialize (a bug, as for [`Outcome::accepted`]).
+    pub fn stale(detail: impl Into<String>, result: &impl Serialize) -> serde_json::Result<Self> {
+        Ok(Self {
             status: Status::Stale,
             code: None,
             detail: detail.into(),
-            result,
-        }
+            result: to_raw_value(result)?,
+        })
     }
 
     /// Rejected by a rule.
@@ -166,7 +189,7 @@ impl Outcome {
             status: Status::Rejected,
             code: Some(rejection.code.as_str().to_owned()),
             detail: rejection.detail,
-            result: json!({}),
+            result: empty_object(),
         }
     }
 
@@ -180,13 +203,38 @@ impl Outcome {
         }
     }
 
-    /// The reply body `{"status","code","detail","result"}`.
-    pub fn reply_body(&self) -> Value {
-        json!({
-            "status": self.status.as_str(),
-            "code": self.code,
-            "detail": self.detail,
-            "result": self.result,
+    /// The reply body `{"status","code","detail","result"}`, encoded.
+    ///
+    /// # Errors
+    /// None in practice (strings and JSON text into a vector); the encoder's signature has one.
+    pub fn reply_body(&self) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(&ReplyBody {
+            code: self.code.as_deref(),
+            detail: &self.detail,
+            result: &self.result,
+            status: self.status.as_str(),
         })
     }
+}
+
+/// The reply body. Fields in alphabetical order: the order a `serde_json::Value` object keeps,
+/// so replies are byte for byte what they were when the body was a `Value`.
+#[derive(Serialize)]
+struct ReplyBody<'a> {
+    code: Option<&'a str>,
+    detail: &'a str,
+    result: &'a RawValue,
+    status: &'a str,
+}
+
+/// `{}` as JSON text: the result of an outcome that has none.
+pub fn empty_object() -> Box<RawValue> {
+    RawValue::from_string("{}".to_owned()).expect("`{}` is a JSON object")
+}
+
+/// Stored result text read back as JSON text; `{}` when it is missing or not JSON (a row
+/// written by hand).
+pub fn stored_result(text: Option<String>) -> Box<RawValue> {
+    text.and_then(|t| RawValue::from_string(t).ok())
+        .unwrap_or_else(empty_object)
 }

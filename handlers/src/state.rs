@@ -121,7 +121,8 @@ pub(crate) struct HistoryRow {
     pub actor: OrgKey,
     pub resource: &'static str,
     pub operation: &'static str,
-    pub detail: serde_json::Value,
+    /// A JSON object's text (stored as `jsonb`).
+    pub detail: Box<serde_json::value::RawValue>,
 }
 
 /// One inbox (outcome) line.
@@ -697,7 +698,7 @@ impl State {
         let status: Vec<String> = column(row, "inbox_status")?;
         let mut code: Vec<Option<String>> = column(row, "inbox_code")?;
         let mut detail: Vec<Option<String>> = column(row, "inbox_detail")?;
-        let result: Vec<Option<String>> = column(row, "inbox_result")?;
+        let mut result: Vec<Option<String>> = column(row, "inbox_result")?;
         let mut stored: Vec<Option<Vec<u8>>> = column(row, "inbox_outbound")?;
         let others = [
             message_id.len(),
@@ -713,10 +714,7 @@ impl State {
                 status: Status::parse(&status[i]).unwrap_or(Status::Rejected),
                 code: code[i].take(),
                 detail: detail[i].take().unwrap_or_default(),
-                result: result[i]
-                    .as_deref()
-                    .and_then(|r| serde_json::from_str(r).ok())
-                    .unwrap_or_else(|| serde_json::json!({})),
+                result: crate::outcome::stored_result(result[i].take()),
             };
             let key = (sender, std::mem::take(&mut message_id[i]));
             if let Some(stored) = stored[i].take() {
@@ -990,7 +988,7 @@ impl State {
             actor: actor.clone(),
             resource: "dossier_trio",
             operation: "dossier_created",
-            detail: serde_json::json!({}),
+            detail: crate::outcome::empty_object(),
         });
         Ok((dossier, true))
     }
@@ -1010,12 +1008,15 @@ impl State {
 
     /// NISS replacement: moves the old pseudonym's relations, facts and dossier to the new one,
     /// merging dossiers when both exist (CONTRACT.md §3). Returns the surviving dossier, if any.
+    ///
+    /// # Errors
+    /// When the merge's history detail does not encode (a bug; the batch then fails whole).
     pub(crate) fn replace_pseudonym(
         &mut self,
         old: &str,
         new: &str,
         actor: &OrgKey,
-    ) -> Option<i64> {
+    ) -> serde_json::Result<Option<i64>> {
         let old_facts = self.insured.get(old).cloned().unwrap_or_default();
         let new_facts = self.insured.entry(new.to_owned()).or_default();
         if new_facts.died_on.is_none() && old_facts.died_on.is_some() {
@@ -1043,7 +1044,7 @@ impl State {
 
         let old_dossier = self.dossier_by_pseudonym.get(old).copied();
         let new_dossier = self.dossier_by_pseudonym.get(new).copied();
-        match (old_dossier, new_dossier) {
+        Ok(match (old_dossier, new_dossier) {
             (None, survivor) => survivor,
             (Some(id), None) => {
                 self.dossier_by_pseudonym.remove(old);
@@ -1057,7 +1058,7 @@ impl State {
                     actor: actor.clone(),
                     resource: "dossier_trio",
                     operation: "niss_replaced",
-                    detail: serde_json::json!({}),
+                    detail: crate::outcome::empty_object(),
                 });
                 Some(id)
             }
@@ -1091,11 +1092,13 @@ impl State {
                     actor: actor.clone(),
                     resource: "dossier_trio",
                     operation: "dossier_merged",
-                    detail: serde_json::json!({ "merged_dossier_number": from_number }),
+                    detail: serde_json::value::to_raw_value(
+                        &serde_json::json!({ "merged_dossier_number": from_number }),
+                    )?,
                 });
                 Some(into)
             }
-        }
+        })
     }
 
     /// Writes every pending change with one statement per table; returns the outbound messages
@@ -1395,7 +1398,7 @@ impl State {
             .bind(h.iter().map(|r| r.actor.1.as_str()).collect::<Vec<_>>())
             .bind(h.iter().map(|r| r.resource).collect::<Vec<_>>())
             .bind(h.iter().map(|r| r.operation).collect::<Vec<_>>())
-            .bind(h.iter().map(|r| r.detail.to_string()).collect::<Vec<_>>())
+            .bind(h.iter().map(|r| r.detail.get()).collect::<Vec<_>>())
             .bind(i.iter().map(|r| r.sender.as_str()).collect::<Vec<_>>())
             .bind(i.iter().map(|r| r.message_id.as_str()).collect::<Vec<_>>())
             .bind(i.iter().map(|r| r.message_type).collect::<Vec<_>>())
@@ -1414,11 +1417,7 @@ impl State {
                     .map(|r| r.outcome.detail.as_str())
                     .collect::<Vec<_>>(),
             )
-            .bind(
-                i.iter()
-                    .map(|r| r.outcome.result.to_string())
-                    .collect::<Vec<_>>(),
-            )
+            .bind(i.iter().map(|r| r.outcome.result.get()).collect::<Vec<_>>())
             .bind(i.iter().map(|r| r.dossier_id).collect::<Vec<_>>())
             .bind(&stored)
             .bind(&loaded)

@@ -18,11 +18,11 @@ pub(crate) fn handle(state: &mut State, sender: &Sender, p: &Pseudonyms<'_>) -> 
         .dossier_or_create(&insured, &org)
         .map_err(super::HandlerBug)?;
     Ok(Decision::Done(
-        Outcome::accepted(json!({
+        Outcome::accepted(&json!({
             "dossier_number": dossier.number,
             "pseudonym": p.in_transit_of(&insured)?,
             "created": created,
-        })),
+        }))?,
         Some(dossier.id),
     ))
 }

@@ -80,6 +80,14 @@ impl Pseudonyms<'_> {
 #[error("handler bug: {0}")]
 pub struct HandlerBug(pub String);
 
+/// A result or history detail that did not encode as JSON: typed and `json!` values always do,
+/// so this is a bug, never the sender's fault.
+impl From<serde_json::Error> for HandlerBug {
+    fn from(e: serde_json::Error) -> Self {
+        HandlerBug(format!("encoding JSON: {e}"))
+    }
+}
+
 /// What a handler decided.
 pub(crate) enum Decision {
     /// Applied (or stale): the outcome, and the dossier it concerns.

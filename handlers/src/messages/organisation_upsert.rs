@@ -23,7 +23,7 @@ pub(crate) fn handle(state: &mut State, msg: &OrganisationUpsert) -> HandlerResu
         format: msg.format,
     });
     Ok(Decision::Done(
-        Outcome::accepted(json!({ "kind": msg.kind.as_str(), "id": msg.id })),
+        Outcome::accepted(&json!({ "kind": msg.kind.as_str(), "id": msg.id }))?,
         None,
     ))
 }

@@ -47,7 +47,7 @@ pub(crate) fn set(
             } else {
                 Ok(())
             });
-            state.replace_pseudonym(&old, &new, &sender.actor())
+            state.replace_pseudonym(&old, &new, &sender.actor())?
         }
     };
     let result = if relation.is_fact() {
@@ -55,7 +55,7 @@ pub(crate) fn set(
     } else {
         json!({ "kind": relation.kind_str(), "valid_until": rfc3339(until) })
     };
-    Ok(Decision::Done(Outcome::accepted(result), dossier))
+    Ok(Decision::Done(Outcome::accepted(&result)?, dossier))
 }
 
 /// Applies one `relation.unset`.
@@ -84,7 +84,7 @@ pub(crate) fn unset(state: &mut State, relation: &Relation, p: &Pseudonyms<'_>) 
         }
     };
     Ok(Decision::Done(
-        Outcome::accepted(json!({ "kind": relation.kind_str() })),
+        Outcome::accepted(&json!({ "kind": relation.kind_str() }))?,
         dossier,
     ))
 }

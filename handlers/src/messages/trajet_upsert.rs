@@ -8,6 +8,7 @@ use crate::rules;
 use crate::state::{HistoryRow, OrgKey, State, TrajetKey, TrajetRow};
 use serde::Serialize;
 use serde_json::json;
+use serde_json::value::to_raw_value;
 use trio_schemas::{Consent, OrgKind, TrajetUpsert};
 
 /// DOMAIN.md §2.1 and §12 #1: the organisation has a current relation and the insured is alive.
@@ -88,8 +89,8 @@ pub(crate) fn handle(
             return Ok(Decision::Done(
                 Outcome::stale(
                     format!("stored version {} is not older", old.version),
-                    json!({ "dossier_number": number, "version": old.version }),
-                ),
+                    &json!({ "dossier_number": number, "version": old.version }),
+                )?,
                 Some(old.dossier_id),
             ));
         }
@@ -126,12 +127,12 @@ pub(crate) fn handle(
         } else {
             "trajet_updated"
         },
-        detail: json!({
-            "ref": t.reference,
-            "version": t.version,
-            "status": t.status,
-            "previous_status": existing.as_ref().map(|e| e.status.clone()),
-        }),
+        detail: to_raw_value(&HistoryDetail {
+            previous_status: existing.as_ref().map(|e| e.status.as_str()),
+            reference: &t.reference,
+            status: &t.status,
+            version: t.version,
+        })?,
     });
 
     let body = TrajetUpdated::new(&dossier.number, &pseudonym, &key, &row);
@@ -153,14 +154,34 @@ pub(crate) fn handle(
     }
     state.put_trajet(key, row);
     Ok(Decision::Done(
-        Outcome::accepted(json!({
-            "dossier_number": dossier.number,
-            "pseudonym": pseudonym,
-            "created": existing.is_none(),
-            "version": t.version,
-        })),
+        Outcome::accepted(&Accepted {
+            created: existing.is_none(),
+            dossier_number: &dossier.number,
+            pseudonym: &pseudonym,
+            version: t.version,
+        })?,
         Some(dossier.id),
     ))
+}
+
+/// The result of an accepted `trajet.upsert`. Fields in alphabetical order, the order a
+/// `serde_json::Value` object keeps, so replies are byte for byte what they were.
+#[derive(Debug, Serialize)]
+struct Accepted<'a> {
+    created: bool,
+    dossier_number: &'a str,
+    pseudonym: &'a str,
+    version: i64,
+}
+
+/// The history line's detail (stored as `jsonb`, so field order does not matter there).
+#[derive(Debug, Serialize)]
+struct HistoryDetail<'a> {
+    previous_status: Option<&'a str>,
+    #[serde(rename = "ref")]
+    reference: &'a str,
+    status: &'a str,
+    version: i64,
 }
 
 /// The `trajet.updated` body (CONTRACT.md §4): only owner, ref, version, type and status once
@@ -295,6 +316,61 @@ mod tests {
                 "owner": {"kind": "oa", "id": "300"},
                 "ref": "T-1", "version": 3, "type": "rtw_ami", "status": "en_cours",
             }))
+        );
+    }
+
+    #[test]
+    fn the_reply_to_an_upsert_is_the_json_senders_have_always_received() {
+        let accepted = Outcome::accepted(&Accepted {
+            created: true,
+            dossier_number: "TRIO-00000007",
+            pseudonym: "eyJhbGc.x.y",
+            version: 3,
+        })
+        .unwrap();
+        let as_value_gave = json!({
+            "status": "accepted",
+            "code": null,
+            "detail": "",
+            "result": {
+                "dossier_number": "TRIO-00000007",
+                "pseudonym": "eyJhbGc.x.y",
+                "created": true,
+                "version": 3,
+            },
+        })
+        .to_string();
+        assert_eq!(
+            String::from_utf8(accepted.reply_body().unwrap()).unwrap(),
+            as_value_gave
+        );
+        // A duplicate repeats the first result, read back from its stored text.
+        let stored = crate::outcome::stored_result(Some(accepted.result.get().to_owned()));
+        let first = Outcome {
+            result: stored,
+            ..accepted
+        };
+        let duplicate: Value =
+            serde_json::from_slice(&Outcome::duplicate_of(&first).reply_body().unwrap()).unwrap();
+        assert_eq!(duplicate["status"], "duplicate");
+        assert_eq!(duplicate["detail"], "accepted");
+        assert_eq!(duplicate["result"]["pseudonym"], "eyJhbGc.x.y");
+        assert_eq!(duplicate["result"]["created"], true);
+    }
+
+    #[test]
+    fn the_history_detail_holds_the_fields_it_always_held() {
+        let detail = to_raw_value(&HistoryDetail {
+            previous_status: None,
+            reference: "T-1",
+            status: "en_cours",
+            version: 3,
+        })
+        .unwrap();
+        let read: Value = serde_json::from_str(detail.get()).unwrap();
+        assert_eq!(
+            read,
+            json!({"ref": "T-1", "version": 3, "status": "en_cours", "previous_status": null})
         );
     }
 }
