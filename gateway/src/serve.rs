@@ -84,8 +84,12 @@ async fn connect_pool(
     let started = tokio::time::Instant::now();
     let mut delays = backoff();
     loop {
+        // No ping before each acquire (sqlx's default): it cost a round trip per batch. A
+        // connection that died while idle fails its batch's first statement instead, a
+        // transient error the batch is retried on, and sqlx drops it when it comes back.
         let attempt = PgPoolOptions::new()
             .max_connections(size)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options.clone())
             .await;

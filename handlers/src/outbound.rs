@@ -29,7 +29,9 @@ pub struct OutboundMessage {
     pub correlation_id: Option<String>,
     /// W3C trace context of the inbound message that caused it.
     pub traceparent: Option<String>,
-    /// Encoded body.
+    /// Encoded body. Kept as one byte string (`serde_bytes`): postcard writes the same bytes as
+    /// for a sequence of `u8`, but copies them at once instead of one serializer call per byte.
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
 
@@ -154,6 +156,36 @@ mod tests {
         assert_eq!(decode_stored(&stored).unwrap(), messages);
         assert!(decode_stored(&stored[..stored.len() - 1]).is_err());
         assert_eq!(decode_stored(&encode_stored(&[]).unwrap()).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn stored_bodies_are_the_bytes_rows_written_before_serde_bytes_hold() {
+        /// `OutboundMessage` as it was: the body a plain sequence of `u8`.
+        #[derive(Serialize)]
+        struct BodyAsSequence<'a> {
+            message_id: Uuid,
+            exchange: &'a str,
+            routing_key: &'a str,
+            message_type: &'a str,
+            content_type: &'a str,
+            correlation_id: Option<&'a str>,
+            traceparent: Option<&'a str>,
+            body: &'a Vec<u8>,
+        }
+        let m = reply("oa-300", "m1", "replies.oa", "accepted", vec![7; 300], None);
+        let before = postcard::to_allocvec(&vec![BodyAsSequence {
+            message_id: m.message_id,
+            exchange: &m.exchange,
+            routing_key: &m.routing_key,
+            message_type: &m.message_type,
+            content_type: &m.content_type,
+            correlation_id: m.correlation_id.as_deref(),
+            traceparent: m.traceparent.as_deref(),
+            body: &m.body,
+        }])
+        .unwrap();
+        assert_eq!(encode_stored(std::slice::from_ref(&m)).unwrap(), before);
+        assert_eq!(decode_stored(&before).unwrap(), vec![m]);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub(crate) mod trajet_upsert;
 
 use crate::outcome::{Outcome, RejectCode, Rejection};
 use crate::state::{Org, OrgKey};
+use serde_json::value::RawValue;
 use std::collections::HashMap;
 use trio_schemas::OrgKind;
 
@@ -50,8 +51,8 @@ impl Sender {
 pub(crate) struct Pseudonyms<'a> {
     /// At-rest pseudonyms of this message's NISS fields.
     pub at_rest: &'a [String],
-    /// In-transit form of each at-rest pseudonym the batch touches.
-    pub in_transit: &'a HashMap<String, String>,
+    /// In-transit form of each at-rest pseudonym the batch touches, as a JSON string.
+    pub in_transit: &'a HashMap<String, Box<RawValue>>,
 }
 
 impl Pseudonyms<'_> {
@@ -59,10 +60,10 @@ impl Pseudonyms<'_> {
     ///
     /// # Errors
     /// When it was not computed (a bug): the batch is then retried message by message.
-    pub(crate) fn in_transit_of(&self, at_rest: &str) -> Result<String, HandlerBug> {
+    pub(crate) fn in_transit_of(&self, at_rest: &str) -> Result<&RawValue, HandlerBug> {
         self.in_transit
             .get(at_rest)
-            .cloned()
+            .map(|form| &**form)
             .ok_or_else(|| HandlerBug("in-transit pseudonym missing for an insured".into()))
     }
 

@@ -8,7 +8,7 @@ use crate::rules;
 use crate::state::{HistoryRow, OrgKey, State, TrajetKey, TrajetRow};
 use serde::Serialize;
 use serde_json::json;
-use serde_json::value::to_raw_value;
+use serde_json::value::{RawValue, to_raw_value};
 use trio_schemas::{Consent, OrgKind, TrajetUpsert};
 
 /// DOMAIN.md §2.1 and §12 #1: the organisation has a current relation and the insured is alive.
@@ -135,7 +135,7 @@ pub(crate) fn handle(
         })?,
     });
 
-    let body = TrajetUpdated::new(&dossier.number, &pseudonym, &key, &row);
+    let body = TrajetUpdated::new(&dossier.number, pseudonym, &key, &row);
     for (recipient, format) in state.related_actors(&insured) {
         if recipient == org {
             continue;
@@ -157,7 +157,7 @@ pub(crate) fn handle(
         Outcome::accepted(&Accepted {
             created: existing.is_none(),
             dossier_number: &dossier.number,
-            pseudonym: &pseudonym,
+            pseudonym,
             version: t.version,
         })?,
         Some(dossier.id),
@@ -170,7 +170,7 @@ pub(crate) fn handle(
 struct Accepted<'a> {
     created: bool,
     dossier_number: &'a str,
-    pseudonym: &'a str,
+    pseudonym: &'a RawValue,
     version: i64,
 }
 
@@ -193,7 +193,7 @@ struct HistoryDetail<'a> {
 #[derive(Debug, Serialize)]
 struct TrajetUpdated<'a> {
     dossier_number: &'a str,
-    pseudonym: &'a str,
+    pseudonym: &'a RawValue,
     trajet: UpdatedTrajet<'a>,
 }
 
@@ -225,7 +225,12 @@ struct Owner<'a> {
 }
 
 impl<'a> TrajetUpdated<'a> {
-    fn new(number: &'a str, pseudonym: &'a str, key: &'a TrajetKey, row: &'a TrajetRow) -> Self {
+    fn new(
+        number: &'a str,
+        pseudonym: &'a RawValue,
+        key: &'a TrajetKey,
+        row: &'a TrajetRow,
+    ) -> Self {
         let shown = row.consent != Some(Consent::Withdrawn);
         let date = |d: Option<time::Date>| d.filter(|_| shown).map(|d| d.to_string());
         TrajetUpdated {
@@ -288,17 +293,18 @@ mod tests {
         .to_string()
     }
 
+    /// An in-transit pseudonym as the batch hands it to handlers: JSON text.
+    fn pseudonym() -> Box<RawValue> {
+        to_raw_value("eyJhbGc.x.y").unwrap()
+    }
+
     #[test]
     fn the_trajet_updated_body_is_the_json_partners_have_always_received() {
         let key = key();
+        let pseudonym = pseudonym();
         let encoded = |row: &TrajetRow| {
-            serde_json::to_string(&TrajetUpdated::new(
-                "TRIO-00000007",
-                "eyJhbGc.x.y",
-                &key,
-                row,
-            ))
-            .unwrap()
+            serde_json::to_string(&TrajetUpdated::new("TRIO-00000007", &pseudonym, &key, row))
+                .unwrap()
         };
         assert_eq!(
             encoded(&row(Some(Consent::Given))),
@@ -324,7 +330,7 @@ mod tests {
         let accepted = Outcome::accepted(&Accepted {
             created: true,
             dossier_number: "TRIO-00000007",
-            pseudonym: "eyJhbGc.x.y",
+            pseudonym: &pseudonym(),
             version: 3,
         })
         .unwrap();
