@@ -220,16 +220,17 @@ async fn keep_what_it_caused(db: &PgPool, letter: &DeadLetterInfo) -> anyhow::Re
     if letter.message_id.is_empty() {
         return Ok(());
     }
-    let stored: Option<Option<Vec<u8>>> =
-        sqlx::query_scalar("SELECT outbound FROM inbox WHERE sender = $1 AND message_id = $2")
+    let row: Option<(Option<Vec<u8>>, Option<String>)> =
+        sqlx::query_as("SELECT outbound, result FROM inbox WHERE sender = $1 AND message_id = $2")
             .bind(&letter.sender)
             .bind(&letter.message_id)
             .fetch_optional(db)
             .await?;
-    let Some(stored) = stored.flatten() else {
+    let Some((Some(stored), result)) = row else {
         return Ok(());
     };
-    let messages = trio_handlers::outbound::decode_stored(&stored)?;
+    let messages =
+        trio_handlers::outbound::decode_stored(&stored, result.as_deref().unwrap_or("{}"))?;
     relay::keep_in_outbox(db, &messages.iter().collect::<Vec<_>>()).await?;
     Ok(())
 }

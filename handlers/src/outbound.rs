@@ -3,6 +3,7 @@
 //! outbox table when the broker could not take them yet (see the gateway's relay).
 
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use trio_schemas::Format;
 use uuid::Uuid;
 
@@ -46,22 +47,164 @@ pub struct OutboxEntry {
     pub message: OutboundMessage,
 }
 
-/// The outbound messages one inbound message caused, as its inbox row keeps them (`postcard`, a
-/// compact serde encoding): what a redelivery of that message publishes again.
+/// The outbound messages one inbound message caused, as its inbox row keeps them: what a
+/// redelivery of that message publishes again.
+///
+/// The row also holds the message's result, and the in-transit pseudonym (~600 bytes) is in
+/// both the result and each event body; keeping it twice was a third of the row and of its WAL.
+/// So each body is kept without the part it shares with `result` (the result's `pseudonym`
+/// string, when the body holds it), which [`decode_stored`] puts back from the same result.
+/// The encoding is `postcard` (a compact serde encoding) behind a format tag.
 ///
 /// # Errors
-/// Only if `postcard` could not encode plain owned fields (the batch then fails rather than
-/// keep a row that would publish nothing again).
-pub fn encode_stored(messages: &[OutboundMessage]) -> Result<Vec<u8>, postcard::Error> {
-    postcard::to_allocvec(messages)
+/// Only if `postcard` could not encode plain fields (the batch then fails rather than keep a
+/// row that would publish nothing again).
+pub fn encode_stored(
+    messages: &[OutboundMessage],
+    result: &str,
+) -> Result<Vec<u8>, postcard::Error> {
+    let shared = shared_with_result(result);
+    let kept = KeptRow {
+        shared: shared.map(|(start, len)| (start as u64, len as u64)),
+        messages: messages
+            .iter()
+            .map(|m| {
+                let split = shared.and_then(|(start, len)| {
+                    let part = &result.as_bytes()[start..start + len];
+                    find(&m.body, part).map(|at| (at, at + len))
+                });
+                let (head, tail) = match split {
+                    Some((at, after)) => (&m.body[..at], Some(&m.body[after..])),
+                    None => (&m.body[..], None),
+                };
+                Kept {
+                    message_id: m.message_id,
+                    exchange: Cow::Borrowed(&m.exchange),
+                    routing_key: Cow::Borrowed(&m.routing_key),
+                    message_type: Cow::Borrowed(&m.message_type),
+                    content_type: Cow::Borrowed(&m.content_type),
+                    correlation_id: m.correlation_id.as_deref().map(Cow::Borrowed),
+                    traceparent: m.traceparent.as_deref().map(Cow::Borrowed),
+                    head: Cow::Borrowed(head),
+                    shares_result: tail.is_some(),
+                    tail: Cow::Borrowed(tail.unwrap_or_default()),
+                }
+            })
+            .collect(),
+    };
+    postcard::to_extend(&kept, vec![KEPT_SHARING_RESULT])
 }
 
-/// Reads what [`encode_stored`] wrote.
+/// Reads what [`encode_stored`] wrote, given the same row's result text.
 ///
 /// # Errors
-/// When the bytes are not such a list (a corrupted row).
-pub fn decode_stored(bytes: &[u8]) -> Result<Vec<OutboundMessage>, postcard::Error> {
-    postcard::from_bytes(bytes)
+/// When the bytes are not such a list, or refer to a part of `result` it does not have (a
+/// corrupted row).
+pub fn decode_stored(bytes: &[u8], result: &str) -> Result<Vec<OutboundMessage>, StoredError> {
+    let Some((&KEPT_SHARING_RESULT, rest)) = bytes.split_first() else {
+        // Written before the format tag: a bare list, each body whole.
+        return Ok(postcard::from_bytes(bytes)?);
+    };
+    let row: KeptRow<'_> = postcard::from_bytes(rest)?;
+    let shared = match row.shared {
+        Some((start, len)) => usize::try_from(start)
+            .ok()
+            .zip(usize::try_from(len).ok())
+            .and_then(|(start, len)| result.as_bytes().get(start..start.checked_add(len)?))
+            .ok_or(StoredError::NotInResult)?,
+        None => &[][..],
+    };
+    row.messages
+        .into_iter()
+        .map(|k| {
+            if k.shares_result && row.shared.is_none() {
+                return Err(StoredError::NotInResult);
+            }
+            let mut body = k.head.into_owned();
+            if k.shares_result {
+                body.extend_from_slice(shared);
+                body.extend_from_slice(&k.tail);
+            }
+            Ok(OutboundMessage {
+                message_id: k.message_id,
+                exchange: k.exchange.into_owned(),
+                routing_key: k.routing_key.into_owned(),
+                message_type: k.message_type.into_owned(),
+                content_type: k.content_type.into_owned(),
+                correlation_id: k.correlation_id.map(Cow::into_owned),
+                traceparent: k.traceparent.map(Cow::into_owned),
+                body,
+            })
+        })
+        .collect()
+}
+
+/// Why kept outbound messages could not be read back (a corrupted row).
+#[derive(Debug, thiserror::Error)]
+pub enum StoredError {
+    /// The bytes are not what [`encode_stored`] writes.
+    #[error("not a kept list: {0}")]
+    Encoding(#[from] postcard::Error),
+    /// They refer to a part of the row's result that it does not have.
+    #[error("they refer to a part of the result the row does not hold")]
+    NotInResult,
+}
+
+/// First byte of a kept list in [`encode_stored`]'s format. Rows written before it hold a bare
+/// `postcard` list, whose first byte is its length: never 0, since a row keeps a list only when
+/// its message caused something.
+const KEPT_SHARING_RESULT: u8 = 0;
+
+/// The shortest shared part worth a reference (a pseudonym is ~600 bytes).
+const SHARED_AT_LEAST: usize = 64;
+
+/// The byte range of the result's `pseudonym` string, when it has one worth sharing (and holds
+/// no escape, so that the body's JSON or XML holds the very same bytes).
+fn shared_with_result(result: &str) -> Option<(usize, usize)> {
+    const KEY: &str = "\"pseudonym\":\"";
+    let start = result.find(KEY)? + KEY.len();
+    let len = result[start..].find('"')?;
+    let value = &result[start..start + len];
+    (len >= SHARED_AT_LEAST && !value.contains('\\')).then_some((start, len))
+}
+
+/// Where `part` first occurs in `body`: each place its first byte occurs, compared whole. (A
+/// `memmem` searcher costs more to build, per body, than this search of ~1 KB costs.)
+fn find(body: &[u8], part: &[u8]) -> Option<usize> {
+    let first = *part.first()?;
+    memchr::memchr_iter(first, body).find(|&at| body[at..].starts_with(part))
+}
+
+/// [`encode_stored`]'s row: the range of the result the bodies share, and the messages.
+#[derive(Serialize, Deserialize)]
+struct KeptRow<'a> {
+    shared: Option<(u64, u64)>,
+    #[serde(borrow)]
+    messages: Vec<Kept<'a>>,
+}
+
+/// One kept message: an [`OutboundMessage`] whose body is `head`, then, when `shares_result`,
+/// the result's shared part and `tail`.
+#[derive(Serialize, Deserialize)]
+struct Kept<'a> {
+    message_id: Uuid,
+    #[serde(borrow)]
+    exchange: Cow<'a, str>,
+    #[serde(borrow)]
+    routing_key: Cow<'a, str>,
+    #[serde(borrow)]
+    message_type: Cow<'a, str>,
+    #[serde(borrow)]
+    content_type: Cow<'a, str>,
+    #[serde(borrow)]
+    correlation_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    traceparent: Option<Cow<'a, str>>,
+    #[serde(with = "serde_bytes", borrow)]
+    head: Cow<'a, [u8]>,
+    shares_result: bool,
+    #[serde(with = "serde_bytes", borrow)]
+    tail: Cow<'a, [u8]>,
 }
 
 /// Derives a stable message id from the parts that identify an event and its recipient.
@@ -132,35 +275,77 @@ pub fn event<B: Serialize + ?Sized>(
 mod tests {
     use super::*;
 
+    /// A result as `trajet.upsert` gives it, with a pseudonym-sized string.
+    fn result_with(pseudonym: &str) -> String {
+        format!(
+            r#"{{"created":true,"dossier_number":"TRIO-00000007","pseudonym":"{pseudonym}","version":2}}"#
+        )
+    }
+
     #[test]
-    fn stored_messages_read_back_as_they_were_written() {
+    fn stored_messages_read_back_as_they_were_written_keeping_the_pseudonym_once() {
+        let pseudonym = "Ab+/9".repeat(120);
+        let result = result_with(&pseudonym);
         let reply = reply(
             "oa-300",
             "m1",
             "replies.oa",
             "accepted",
-            br#"{"status":"accepted"}"#.to_vec(),
+            format!(r#"{{"code":null,"detail":"","result":{result},"status":"accepted"}}"#)
+                .into_bytes(),
             Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
         );
-        let event = event(
+        let body = serde_json::json!({"pseudonym": pseudonym, "version": 2});
+        let json_event = event(
+            ("oa-300", "m1"),
+            "trajet.updated",
+            "sepp.0411234567",
+            Format::Json,
+            &body,
+            None,
+        )
+        .unwrap();
+        let xml_event = event(
             ("oa-300", "m1"),
             "trajet.updated",
             "gp.12345678901",
             Format::Xml,
+            &body,
+            None,
+        )
+        .unwrap();
+        let without = event(
+            ("oa-300", "m1"),
+            "trajet.updated",
+            "oa.100",
+            Format::Json,
             &serde_json::json!({"version": 2}),
             None,
         )
         .unwrap();
-        let messages = vec![reply, event];
-        let stored = encode_stored(&messages).unwrap();
-        assert_eq!(decode_stored(&stored).unwrap(), messages);
-        assert!(decode_stored(&stored[..stored.len() - 1]).is_err());
-        assert_eq!(decode_stored(&encode_stored(&[]).unwrap()).unwrap(), vec![]);
+        let messages = vec![reply, json_event, xml_event, without];
+
+        let stored = encode_stored(&messages, &result).unwrap();
+        assert_eq!(decode_stored(&stored, &result).unwrap(), messages);
+        assert!(
+            memchr::memmem::find(&stored, pseudonym.as_bytes()).is_none(),
+            "the pseudonym is kept in the result only"
+        );
+        assert!(decode_stored(&stored[..stored.len() - 1], &result).is_err());
+        // Read back with a result that lacks the shared part: refused, never a wrong body.
+        assert!(matches!(
+            decode_stored(&stored, "{}"),
+            Err(StoredError::NotInResult)
+        ));
+        // A result without a pseudonym: every body kept whole.
+        let stored = encode_stored(&messages, "{}").unwrap();
+        assert!(memchr::memmem::find(&stored, pseudonym.as_bytes()).is_some());
+        assert_eq!(decode_stored(&stored, "{}").unwrap(), messages);
     }
 
     #[test]
-    fn stored_bodies_are_the_bytes_rows_written_before_serde_bytes_hold() {
-        /// `OutboundMessage` as it was: the body a plain sequence of `u8`.
+    fn lists_kept_before_the_format_tag_read_back() {
+        /// `OutboundMessage` as rows kept it then: a bare list, the body a sequence of `u8`.
         #[derive(Serialize)]
         struct BodyAsSequence<'a> {
             message_id: Uuid,
@@ -172,7 +357,15 @@ mod tests {
             traceparent: Option<&'a str>,
             body: &'a Vec<u8>,
         }
-        let m = reply("oa-300", "m1", "replies.oa", "accepted", vec![7; 300], None);
+        let pseudonym = "Ab+/9".repeat(120);
+        let m = reply(
+            "oa-300",
+            "m1",
+            "replies.oa",
+            "accepted",
+            result_with(&pseudonym).into_bytes(),
+            None,
+        );
         let before = postcard::to_allocvec(&vec![BodyAsSequence {
             message_id: m.message_id,
             exchange: &m.exchange,
@@ -184,8 +377,11 @@ mod tests {
             body: &m.body,
         }])
         .unwrap();
-        assert_eq!(encode_stored(std::slice::from_ref(&m)).unwrap(), before);
-        assert_eq!(decode_stored(&before).unwrap(), vec![m]);
+        assert_eq!(
+            decode_stored(&before, &result_with(&pseudonym)).unwrap(),
+            vec![m.clone()]
+        );
+        assert_eq!(decode_stored(&before, "{}").unwrap(), vec![m]);
     }
 
     #[test]

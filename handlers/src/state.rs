@@ -889,7 +889,11 @@ impl State {
         }
         let key = (sender.to_owned(), message_id.to_owned());
         if let Some(stored) = self.stored_outbound.remove(&key) {
-            let messages = outbound::decode_stored(&stored).map_err(|e| {
+            let result = self
+                .inbox
+                .get(&key)
+                .map_or("{}", |first| first.result.get());
+            let messages = outbound::decode_stored(&stored, result).map_err(|e| {
                 HandlerBug(format!(
                     "the outbound messages kept for message {message_id} cannot be read: {e}"
                 ))
@@ -1352,7 +1356,7 @@ impl State {
             .map(|r| {
                 let caused = &self.outbox[r.outbound.clone()];
                 (!caused.is_empty())
-                    .then(|| outbound::encode_stored(caused))
+                    .then(|| outbound::encode_stored(caused, r.outcome.result.get()))
                     .transpose()
             })
             .collect::<Result<Vec<Option<Vec<u8>>>, _>>()
