@@ -92,7 +92,7 @@ pub fn encode_stored(
             })
             .collect(),
     };
-    postcard::to_extend(&kept, vec![KEPT_SHARING_RESULT])
+    postcard::to_extend(&kept, KEPT_SHARING_RESULT.to_vec())
 }
 
 /// Reads what [`encode_stored`] wrote, given the same row's result text.
@@ -101,7 +101,7 @@ pub fn encode_stored(
 /// When the bytes are not such a list, or refer to a part of `result` it does not have (a
 /// corrupted row).
 pub fn decode_stored(bytes: &[u8], result: &str) -> Result<Vec<OutboundMessage>, StoredError> {
-    let Some((&KEPT_SHARING_RESULT, rest)) = bytes.split_first() else {
+    let Some(rest) = bytes.strip_prefix(&KEPT_SHARING_RESULT) else {
         // Written before the format tag: a bare list, each body whole.
         return Ok(postcard::from_bytes(bytes)?);
     };
@@ -150,16 +150,18 @@ pub enum StoredError {
     NotInResult,
 }
 
-/// First byte of a kept list in [`encode_stored`]'s format. Rows written before it hold a bare
-/// `postcard` list, whose first byte is its length: never 0, since a row keeps a list only when
-/// its message caused something.
-const KEPT_SHARING_RESULT: u8 = 0;
+/// The first bytes of a kept list in [`encode_stored`]'s format. Rows written before it hold a
+/// bare `postcard` list, which starts with its length as a varint of at most ten bytes, the last
+/// without the continuation bit; these ten bytes all have it. So this format is told apart, and a
+/// gateway of before reading such a row fails on an invalid length, loudly, instead of reading
+/// an empty list and publishing nothing again.
+const KEPT_SHARING_RESULT: [u8; 10] = [0xFF; 10];
 
 /// The shortest shared part worth a reference (a pseudonym is ~600 bytes).
 const SHARED_AT_LEAST: usize = 64;
 
-/// The byte range of the result's `pseudonym` string, when it has one worth sharing (and holds
-/// no escape, so that the body's JSON or XML holds the very same bytes).
+/// The byte range of the result's `pseudonym` string, when it has one worth sharing: long enough,
+/// and without a JSON escape (a body that does not hold the very same bytes is kept whole).
 fn shared_with_result(result: &str) -> Option<(usize, usize)> {
     const KEY: &str = "\"pseudonym\":\"";
     let start = result.find(KEY)? + KEY.len();
@@ -341,6 +343,23 @@ mod tests {
         let stored = encode_stored(&messages, "{}").unwrap();
         assert!(memchr::memmem::find(&stored, pseudonym.as_bytes()).is_some());
         assert_eq!(decode_stored(&stored, "{}").unwrap(), messages);
+    }
+
+    #[test]
+    fn a_gateway_of_before_refuses_a_list_kept_in_this_format() {
+        let pseudonym = "Ab+/9".repeat(120);
+        let result = result_with(&pseudonym);
+        let m = reply(
+            "oa-300",
+            "m1",
+            "replies.oa",
+            "accepted",
+            result.clone().into_bytes(),
+            None,
+        );
+        let stored = encode_stored(std::slice::from_ref(&m), &result).unwrap();
+        // What `decode_stored` was before the format tag.
+        assert!(postcard::from_bytes::<Vec<OutboundMessage>>(&stored).is_err());
     }
 
     #[test]
