@@ -107,6 +107,16 @@ async fn formatted_niss_is_the_same_insured() {
         b.body["result"]["dossier_number"]
     );
     assert_eq!(b.body["result"]["created"], false);
+    // The in-transit pseudonym, a string as in every result (`<sec1>:<transitInfo>`).
+    for reply in [&a, &b] {
+        let pseudonym = reply.body["result"]["pseudonym"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            pseudonym.len() > 100 && pseudonym.contains(':'),
+            "{pseudonym:?}"
+        );
+    }
     w.env.finish().await;
 }
 
