@@ -145,17 +145,6 @@ pub struct Outcome {
     pub result: Box<RawValue>,
 }
 
-/// Outcomes are equal when their result texts are: results are built by the same code from the
-/// same inputs, or read back as stored.
-impl PartialEq for Outcome {
-    fn eq(&self, other: &Self) -> bool {
-        self.status == other.status
-            && self.code == other.code
-            && self.detail == other.detail
-            && self.result.get() == other.result.get()
-    }
-}
-
 impl Outcome {
     /// Accepted with a result object.
     ///
