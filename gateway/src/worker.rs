@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use trio_handlers::batch::SLOW_BATCH;
-use trio_handlers::{BatchError, Context, Inbound, OutboundMessage, SourceQueue};
+use trio_handlers::{BatchError, Context, HeldConnection, Inbound, OutboundMessage, SourceQueue};
 
 /// How many committed batches per worker may wait for the relays before the worker waits too.
 const BATCHES_AWAITING_ACK: usize = 4;
@@ -136,6 +136,7 @@ async fn session(id: usize, deps: &WorkerDeps) -> anyhow::Result<()> {
     // Whatever ends the session, the acker does not outlive it.
     let _abort_acker = AbortOnDrop(acker.abort_handle());
     info!(worker = id, "consuming");
+    let mut connection = HeldConnection::default();
 
     loop {
         let first = tokio::select! {
@@ -173,7 +174,7 @@ async fn session(id: usize, deps: &WorkerDeps) -> anyhow::Result<()> {
             };
             batch.push(delivered(next)?);
         }
-        handle_batch(deps, &publisher, &acks, batch).await?;
+        handle_batch(deps, &mut connection, &publisher, &acks, batch).await?;
     }
 }
 
@@ -243,6 +244,7 @@ enum Settle {
 
 async fn handle_batch(
     deps: &WorkerDeps,
+    connection: &mut HeldConnection,
     publisher: &Channel,
     acks: &mpsc::Sender<PendingAck>,
     batch: Vec<(SourceQueue, Delivery)>,
@@ -268,7 +270,7 @@ async fn handle_batch(
 
     let mut settle: Vec<Settle> = batch.iter().map(|_| Settle::Ack).collect();
     let mut outbound = Vec::new();
-    match process_until_not_transient(deps, &inbound).await {
+    match process_until_not_transient(deps, connection, &inbound).await {
         Some(Ok(result)) => {
             for (message, outcome) in inbound.iter().zip(&result.outcomes) {
                 debug!(message_id = %message.message_id, message_type = %message.message_type, status = outcome.status.as_str(), code = outcome.code.as_deref().unwrap_or(""), "outcome committed");
@@ -279,7 +281,9 @@ async fn handle_batch(
             warn!(error = %failure, messages = inbound.len(), "batch failed; retrying its messages one by one");
             let mut poison: Vec<(SourceQueue, &Delivery, DeadLetter)> = Vec::new();
             for (i, message) in positions.iter().zip(&inbound) {
-                match process_until_not_transient(deps, std::slice::from_ref(message)).await {
+                match process_until_not_transient(deps, connection, std::slice::from_ref(message))
+                    .await
+                {
                     Some(Ok(result)) => outbound.extend(result.outbound),
                     Some(Err(failure)) => {
                         let (queue, delivery) = &batch[*i];
@@ -374,6 +378,7 @@ async fn hand_to_relay(
 /// Runs a batch, retrying while the database is unavailable. `None` if shutdown came first.
 async fn process_until_not_transient(
     deps: &WorkerDeps,
+    connection: &mut HeldConnection,
     batch: &[Inbound],
 ) -> Option<Result<trio_handlers::BatchResult, String>> {
     if batch.is_empty() {
@@ -384,7 +389,7 @@ async fn process_until_not_transient(
     }
     let mut delays = backoff();
     loop {
-        let attempt = AssertUnwindSafe(trio_handlers::process_batch(&deps.ctx, batch))
+        let attempt = AssertUnwindSafe(trio_handlers::process_batch(&deps.ctx, connection, batch))
             .catch_unwind()
             .await;
         match attempt {

@@ -22,11 +22,23 @@ use crate::outcome::{Outcome, RejectCode, Rejection};
 use crate::state::{Needs, State};
 use serde_json::value::{RawValue, to_raw_value};
 use sha2::{Digest, Sha256};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, Postgres};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 use trio_pseudo::{AtRest, Niss};
 use trio_schemas::{Message, OrgKind, RawNiss, Relation};
+
+/// The database connection a worker runs its batches on, kept from one batch to the next.
+///
+/// Taking a connection from sqlx's pool for each batch cost a round trip per batch: sqlx pings
+/// every connection given back to it (0.8, unconditionally). A worker runs one batch at a time,
+/// so it keeps one. A batch that fails closes it, and one that panics returns it to the pool
+/// (which tests it, and rolls back what the batch left open); the next batch takes a connection
+/// from the pool.
+#[derive(Default)]
+pub struct HeldConnection(Option<PoolConnection<Postgres>>);
 
 /// What a committed batch produced.
 #[derive(Debug)]
@@ -253,6 +265,21 @@ pub fn lock_key(domain: &str, value: &str) -> i64 {
     i64::from_be_bytes(bytes)
 }
 
+/// `BEGIN` and the batch's advisory locks, in sorted order, as one simple query: one round trip
+/// for both (a round trip costs about a millisecond on a busy machine, and a small batch's time
+/// is made of them). A simple query takes no parameters, so the keys are written out as an array
+/// literal: numbers this process computed ([`lock_key`]), never text from a message.
+fn begin_and_lock(locks: &[i64]) -> String {
+    let mut sql = String::with_capacity(128 + 21 * locks.len());
+    sql.push_str("BEGIN; SELECT count(*) FROM (SELECT pg_advisory_xact_lock(k) FROM UNNEST('{");
+    for (i, key) in locks.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        let _ = write!(sql, "{sep}{key}");
+    }
+    sql.push_str("}'::bigint[]) AS k) AS locked");
+    sql
+}
+
 /// What to lock and load for this batch.
 fn needs(batch: &[Inbound], prepared: &Prepared) -> (Needs, Vec<i64>) {
     let mut needs = Needs::default();
@@ -331,25 +358,72 @@ fn needs(batch: &[Inbound], prepared: &Prepared) -> (Needs, Vec<i64>) {
 /// # Errors
 /// [`BatchError::Transient`] when the database is unavailable (retry the batch as is),
 /// [`BatchError::Failed`] for anything else (retry message by message).
-pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResult, BatchError> {
+pub async fn process_batch(
+    ctx: &Context,
+    connection: &mut HeldConnection,
+    batch: &[Inbound],
+) -> Result<BatchResult, BatchError> {
     let mut steps = Steps::start();
-    let (prepared, mut in_transit) = prepare(ctx, batch).await?;
-    let (mut needs, locks) = needs(batch, &prepared);
+    let (prepared, in_transit) = prepare(ctx, batch).await?;
+    let (needs, locks) = needs(batch, &prepared);
     steps.mark("prepare");
 
-    let mut tx = ctx.pool.begin().await?;
-    steps.mark("begin");
-    // The locks, in sorted order, and the transaction's time in one round trip (a round trip
-    // costs about a millisecond on a busy machine: they are what a batch's time is made of).
-    let now: time::OffsetDateTime = sqlx::query_scalar(
-        "SELECT now() FROM (SELECT count(*) FROM \
-           (SELECT pg_advisory_xact_lock(k) FROM UNNEST($1::bigint[]) AS k) AS locked) AS done",
+    let mut conn = match connection.0.take() {
+        Some(conn) => conn,
+        None => ctx.pool.acquire().await?,
+    };
+    let result = transaction(
+        ctx,
+        &mut conn,
+        batch,
+        Preparation {
+            pseudonyms: prepared,
+            in_transit,
+            needs,
+            locks,
+        },
+        &mut steps,
     )
-    .bind(&locks)
-    .fetch_one(&mut *tx)
-    .await?;
-    steps.mark("locks");
-    let mut state = State::load(&mut tx, &needs, now, &ctx.state_cache).await?;
+    .await;
+    if result.is_ok() {
+        connection.0 = Some(conn);
+    } else {
+        // A statement that failed inside the one that begins the transaction (a cancelled lock
+        // wait, say) leaves it aborted without sqlx knowing of it, so it would not roll it back:
+        // back in the pool, the connection would fail every batch after. Failures are rare (the
+        // database unavailable, or a bug isolated message by message): a new connection is cheap
+        // next to them.
+        conn.close_on_drop();
+    }
+    steps.warn_if_slow(batch.len());
+    result
+}
+
+/// What step 1 made of a batch: each message's at-rest pseudonyms (or why it has none), their
+/// in-transit forms, and what to lock and load.
+struct Preparation {
+    pseudonyms: Prepared,
+    in_transit: HashMap<String, Box<RawValue>>,
+    needs: Needs,
+    locks: Vec<i64>,
+}
+
+/// Steps 2 to 5 on `conn`.
+async fn transaction(
+    ctx: &Context,
+    conn: &mut PgConnection,
+    batch: &[Inbound],
+    Preparation {
+        pseudonyms: prepared,
+        mut in_transit,
+        mut needs,
+        locks,
+    }: Preparation,
+    steps: &mut Steps,
+) -> Result<BatchResult, BatchError> {
+    let mut tx = conn.begin_with(begin_and_lock(&locks)).await?;
+    steps.mark("begin and lock");
+    let mut state = State::load(&mut tx, &needs, &ctx.state_cache).await?;
     steps.mark("load");
 
     // A NISS replaced earlier resolves to its successor, which the locks above did not cover:
@@ -385,7 +459,7 @@ pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResu
             .collect();
         in_transit.extend(in_transit_map(ctx, at_rest).await?);
         needs.pseudonyms.extend(redirected);
-        state = State::load(&mut tx, &needs, now, &ctx.state_cache).await?;
+        state = State::load(&mut tx, &needs, &ctx.state_cache).await?;
         steps.mark("successors");
     }
 
@@ -399,7 +473,6 @@ pub async fn process_batch(ctx: &Context, batch: &[Inbound]) -> Result<BatchResu
     steps.mark("flush");
     tx.commit().await?;
     steps.mark("commit");
-    steps.warn_if_slow(batch.len());
     Ok(BatchResult { outcomes, outbound })
 }
 

@@ -25,7 +25,7 @@ pub mod rules;
 mod state;
 pub mod state_cache;
 
-pub use batch::{BatchError, BatchResult, process_batch};
+pub use batch::{BatchError, BatchResult, HeldConnection, process_batch};
 pub use context::Context;
 pub use inbound::{Inbound, SourceQueue};
 pub use messages::HandlerBug;

@@ -6,7 +6,7 @@
 //! (trajets, history, and the inbox with each message's outbound messages: [`FLUSH_HOT`]), and
 //! one per table for the rarer writes (organisations, insured facts, relations, affiliations,
 //! new dossiers). The number of round trips per batch is therefore fixed, whatever the batch
-//! size — on the hot path: begin, locks, load, flush, commit — and this is what lets one
+//! size — four on the hot path: begin with the locks, load, flush, commit — and this lets one
 //! transaction carry a hundred messages, and a small batch at low load finish in a few
 //! milliseconds.
 //!
@@ -178,7 +178,8 @@ pub(crate) struct Needs {
 /// the ref, so a ref used for another insured is seen) and, when the batch replaces a NISS
 /// (`$11`), every trajet of those dossiers, the batch's idempotency keys already in the inbox,
 /// and ids for the dossiers the batch may create (at most `$8`, and no more than the insured
-/// without a dossier: those read here, plus `$14` of the cached ones when their views are used).
+/// without a dossier: those read here, plus `$14` of the cached ones when their views are used),
+/// and the transaction's time.
 const LOAD: &str = "
 WITH RECURSIVE epoch AS (
     SELECT epoch, epoch IS DISTINCT FROM $12::bigint AS moved FROM state_epoch
@@ -280,7 +281,7 @@ SELECT * FROM
             array_agg(outbound) AS inbox_outbound
      FROM inb) AS inb_,
     (SELECT array_agg(id) AS spare_dossier_ids FROM spare) AS spare_,
-    (SELECT (SELECT epoch FROM epoch) AS state_epoch) AS epoch_";
+    (SELECT (SELECT epoch FROM epoch) AS state_epoch, now() AS now) AS epoch_";
 
 /// One column of [`LOAD`]'s row: an array, `NULL` (no rows) read as empty.
 fn column<T>(row: &PgRow, name: &str) -> sqlx::Result<Vec<T>>
@@ -337,39 +338,12 @@ pub(crate) struct State {
 impl State {
     /// Loads everything `needs` names, inside the batch transaction (after its locks), taking
     /// from `cache` the insured whose views are still current, and keeping there those it read.
-    /// `now` is the transaction's time (`now()`), read with the batch's locks.
+    /// [`State::now`] is the transaction's time (`now()`), read by the load.
     pub(crate) async fn load(
         conn: &mut PgConnection,
         needs: &Needs,
-        now: OffsetDateTime,
         cache: &StateCache,
     ) -> sqlx::Result<State> {
-        let mut state = State {
-            now,
-            orgs: HashMap::new(),
-            org_by_user: HashMap::new(),
-            insured: HashMap::new(),
-            relations: HashMap::new(),
-            employer_sepp: HashMap::new(),
-            dossiers: HashMap::new(),
-            dossier_by_pseudonym: HashMap::new(),
-            trajets: HashMap::new(),
-            new_trajets: HashSet::new(),
-            inbox: HashMap::new(),
-            stored_outbound: HashMap::new(),
-            spare_dossier_ids: Vec::new(),
-            dirty_orgs: BTreeSet::new(),
-            dirty_insured: BTreeSet::new(),
-            dirty_relations: BTreeSet::new(),
-            dirty_employer_sepp: BTreeSet::new(),
-            dirty_dossiers: BTreeSet::new(),
-            dossier_ops: Vec::new(),
-            dirty_trajets: HashSet::new(),
-            history: Vec::new(),
-            new_inbox: Vec::new(),
-            outbox: Vec::new(),
-        };
-
         // A batch that replaces a NISS moves relations and dossiers between insured and reads
         // every trajet of their dossiers through them: it reads everything from the tables.
         let (cached_epoch, cached) = if needs.niss_replacements {
@@ -420,6 +394,31 @@ impl State {
             .fetch_one(&mut *conn)
             .await?;
 
+        let mut state = State {
+            now: row.try_get("now")?,
+            orgs: HashMap::new(),
+            org_by_user: HashMap::new(),
+            insured: HashMap::new(),
+            relations: HashMap::new(),
+            employer_sepp: HashMap::new(),
+            dossiers: HashMap::new(),
+            dossier_by_pseudonym: HashMap::new(),
+            trajets: HashMap::new(),
+            new_trajets: HashSet::new(),
+            inbox: HashMap::new(),
+            stored_outbound: HashMap::new(),
+            spare_dossier_ids: Vec::new(),
+            dirty_orgs: BTreeSet::new(),
+            dirty_insured: BTreeSet::new(),
+            dirty_relations: BTreeSet::new(),
+            dirty_employer_sepp: BTreeSet::new(),
+            dirty_dossiers: BTreeSet::new(),
+            dossier_ops: Vec::new(),
+            dirty_trajets: HashSet::new(),
+            history: Vec::new(),
+            new_inbox: Vec::new(),
+            outbox: Vec::new(),
+        };
         state.read_insured(&row)?;
         state.read_relations(&row)?;
         state.read_employer_sepp(&row)?;

@@ -3,6 +3,7 @@
 //! Each test has its own vhost, database and in-process gateway (see `trio_tests::TestEnv`).
 
 mod access;
+mod connection;
 mod envelope;
 mod idempotency;
 mod privacy;

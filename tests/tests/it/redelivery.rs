@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 use trio_gateway::partner::{Listener, Outgoing};
 use trio_handlers::context::Context;
-use trio_handlers::{OutboundMessage, SourceQueue, process_batch};
+use trio_handlers::{HeldConnection, OutboundMessage, SourceQueue, process_batch};
 use trio_schemas::MessageType;
 use trio_tests::{WAIT, request_with_id};
 use uuid::Uuid;
@@ -82,9 +82,13 @@ async fn commit_without_publishing(
     message_id: &str,
     body: &Value,
 ) -> BTreeSet<Uuid> {
-    let first = process_batch(ctx, &[upsert_from_oa(message_id, body)])
-        .await
-        .unwrap();
+    let first = process_batch(
+        ctx,
+        &mut HeldConnection::default(),
+        &[upsert_from_oa(message_id, body)],
+    )
+    .await
+    .unwrap();
     assert_eq!(first.outcomes[0].status.as_str(), "accepted");
     let caused = ids(&of_type(&first.outbound, "trajet.updated")
         .into_iter()
@@ -131,11 +135,17 @@ async fn a_duplicate_publishes_again_what_its_first_delivery_caused_once_per_bat
         message
     };
 
+    // The batches below run on one connection, as a worker's do.
+    let mut connection = HeldConnection::default();
     // The message and a duplicate of it in one batch: the duplicate repeats nothing the batch
     // publishes anyway, and only adds its own reply.
-    let first = process_batch(&ctx, &[with_reply("m-kept"), with_reply("m-kept")])
-        .await
-        .unwrap();
+    let first = process_batch(
+        &ctx,
+        &mut connection,
+        &[with_reply("m-kept"), with_reply("m-kept")],
+    )
+    .await
+    .unwrap();
     let statuses: Vec<&str> = first.outcomes.iter().map(|o| o.status.as_str()).collect();
     assert_eq!(statuses, ["accepted", "duplicate"]);
     let events = of_type(&first.outbound, "trajet.updated");
@@ -157,7 +167,9 @@ async fn a_duplicate_publishes_again_what_its_first_delivery_caused_once_per_bat
     // The sender re-sends it, in a later batch: only the duplicate's reply (whose id is stable
     // too). A message the broker did not deliver before had its first delivery acknowledged,
     // so what that one caused was confirmed.
-    let resent = process_batch(&ctx, &[with_reply("m-kept")]).await.unwrap();
+    let resent = process_batch(&ctx, &mut connection, &[with_reply("m-kept")])
+        .await
+        .unwrap();
     assert_eq!(resent.outcomes[0].status.as_str(), "duplicate");
     assert_eq!(resent.outbound, first.outbound[3..]);
 
@@ -166,7 +178,9 @@ async fn a_duplicate_publishes_again_what_its_first_delivery_caused_once_per_bat
     // reply.
     let mut redelivered = with_reply("m-kept");
     redelivered.redelivered = true;
-    let again = process_batch(&ctx, &[redelivered]).await.unwrap();
+    let again = process_batch(&ctx, &mut connection, &[redelivered])
+        .await
+        .unwrap();
     assert_eq!(again.outcomes[0].status.as_str(), "duplicate");
     assert_eq!(again.outbound, first.outbound);
 
@@ -191,7 +205,9 @@ async fn a_duplicate_publishes_again_what_its_first_delivery_caused_once_per_bat
         "m-stranger",
         &body,
     );
-    let refused = process_batch(&ctx, &[stranger]).await.unwrap();
+    let refused = process_batch(&ctx, &mut connection, &[stranger])
+        .await
+        .unwrap();
     assert_eq!(refused.outcomes[0].status.as_str(), "rejected");
     assert!(refused.outbound.is_empty());
     let kept: Vec<(String, bool)> = sqlx::query_as(

@@ -464,7 +464,7 @@ async fn a_slow_batch_says_in_a_warning_where_its_time_went() {
     // Other tests of this binary log too: find the batch that waited at least most of `held`.
     let logs = trio_tests::captured_logs();
     let waited = |line: &&str| {
-        line.split("locks ")
+        line.split("begin and lock ")
             .nth(1)
             .and_then(|rest| rest.split(' ').next())
             .and_then(|ms| ms.parse::<f64>().ok())
@@ -475,7 +475,14 @@ async fn a_slow_batch_says_in_a_warning_where_its_time_went() {
         .filter(|l| l.contains("slow batch"))
         .find(waited)
         .unwrap_or_else(|| panic!("no slow-batch warning with a lock wait; logs:\n{logs}"));
-    for step in ["prepare", "begin", "load", "apply", "flush", "commit"] {
+    for step in [
+        "prepare",
+        "begin and lock",
+        "load",
+        "apply",
+        "flush",
+        "commit",
+    ] {
         assert!(line.contains(step), "{step} missing from: {line}");
     }
     assert!(!line.contains(&w.niss), "a NISS in the warning");

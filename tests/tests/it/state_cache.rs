@@ -11,13 +11,15 @@
 use crate::{OA, World, inbound, trajet, upsert_from_oa, world_without_gateway};
 use serde_json::json;
 use trio_handlers::context::Context;
-use trio_handlers::{Inbound, SourceQueue, process_batch};
+use trio_handlers::{HeldConnection, Inbound, SourceQueue, process_batch};
 use trio_schemas::MessageType;
 use trio_tests::synthetic_niss;
 
 /// One batch of one message; its outcome's status and code.
 async fn apply(ctx: &Context, inbound: Inbound) -> (String, Option<String>) {
-    let result = process_batch(ctx, &[inbound]).await.expect("batch");
+    let result = process_batch(ctx, &mut HeldConnection::default(), &[inbound])
+        .await
+        .expect("batch");
     let outcome = &result.outcomes[0];
     (outcome.status.as_str().to_owned(), outcome.code.clone())
 }
@@ -154,7 +156,13 @@ async fn a_batch_mixing_insured_with_and_without_a_dossier_has_an_id_for_each_ne
         inbound(SourceQueue::Oa, &user, MessageType::DossierOpen, id, &body)
     };
     // The world's insured gets a dossier; the newcomer is related to the OA, without one.
-    let opened = process_batch(&ctx, &[open("m-1", &w.niss)]).await.unwrap();
+    let opened = process_batch(
+        &ctx,
+        &mut HeldConnection::default(),
+        &[open("m-1", &w.niss)],
+    )
+    .await
+    .unwrap();
     assert_eq!(opened.outcomes[0].status.as_str(), "accepted");
     w.env.start_gateway();
     let relation = json!({"kind": "insured_oa", "niss": newcomer, "oa": OA});
@@ -174,7 +182,7 @@ async fn a_batch_mixing_insured_with_and_without_a_dossier_has_an_id_for_each_ne
             &refresh,
         ),
     ];
-    let result = process_batch(&ctx, &batch)
+    let result = process_batch(&ctx, &mut HeldConnection::default(), &batch)
         .await
         .expect("the batch commits as one, without falling back to message by message");
     let statuses: Vec<&str> = result.outcomes.iter().map(|o| o.status.as_str()).collect();
