@@ -77,8 +77,9 @@ pub struct Config {
     pub relays: usize,
     /// `TRIO_BROKER_TIMEOUT_MS`: the longest any broker call may take (default 10 s).
     pub broker_timeout: Duration,
-    /// `TRIO_DB_POOL_SIZE`: PostgreSQL connections of the workers (default workers + 2); the relays,
-    /// the sweeper and the outbox deleter have `relays + 2` of their own.
+    /// `TRIO_DB_POOL_SIZE`: PostgreSQL connections of the workers (default workers + 2, at least
+    /// workers: each keeps one); the relays, the sweeper and the outbox deleter have `relays + 2`
+    /// of their own.
     pub db_pool_size: u32,
     /// `TRIO_MAX_MESSAGE_BYTES`: larger bodies are dead-lettered `too_large` (default 1 MiB).
     pub max_message_bytes: usize,
@@ -86,6 +87,13 @@ pub struct Config {
     /// batches (default 20 000, about 35 MB at most; 0 turns it off). Never stale: see
     /// `trio_handlers::state_cache`.
     pub state_cache: usize,
+}
+
+/// The workers' PostgreSQL connections: as many as asked, but at least one per worker (each
+/// keeps one, see `trio_handlers::HeldConnection`: fewer would leave a worker waiting for
+/// another to fail) and at least two.
+fn workers_pool_size(asked: u32, workers: usize) -> u32 {
+    asked.max(u32::try_from(workers).unwrap_or(u32::MAX)).max(2)
 }
 
 /// The workers' PostgreSQL connections by default: one per batch in flight, and two to spare.
@@ -177,7 +185,10 @@ impl Config {
             delivery_limit: number("TRIO_DELIVERY_LIMIT", d.delivery_limit)?.max(1),
             relays,
             broker_timeout: Duration::from_millis(number("TRIO_BROKER_TIMEOUT_MS", 10_000)?),
-            db_pool_size: number("TRIO_DB_POOL_SIZE", default_db_pool_size(workers))?.max(2),
+            db_pool_size: workers_pool_size(
+                number("TRIO_DB_POOL_SIZE", default_db_pool_size(workers))?,
+                workers,
+            ),
             max_message_bytes: number("TRIO_MAX_MESSAGE_BYTES", d.max_message_bytes)?,
             state_cache: number("TRIO_STATE_CACHE", d.state_cache)?,
         })
@@ -202,6 +213,14 @@ mod tests {
             database_url_for("postgres://u:p@h/db?sslmode=disable", "x"),
             "postgres://u:p@h/x?sslmode=disable"
         );
+    }
+
+    #[test]
+    fn every_worker_has_a_connection_to_keep() {
+        assert_eq!(workers_pool_size(1, 4), 4);
+        assert_eq!(workers_pool_size(6, 4), 6);
+        assert_eq!(workers_pool_size(1, 1), 2);
+        assert_eq!(default_db_pool_size(4), 6);
     }
 
     #[test]
