@@ -380,7 +380,8 @@ fn needs(batch: &[Inbound], prepared: &Prepared) -> (Needs, Vec<i64>) {
     (needs, locks.into_iter().collect())
 }
 
-/// Processes a batch in one transaction and returns what to ack and publish.
+/// Processes a batch in one transaction, on the worker's `connection` (taken from the pool when
+/// it has none), and returns what to ack and publish.
 ///
 /// # Errors
 /// [`BatchError::Transient`] when the database is unavailable (retry the batch as is),
