@@ -106,6 +106,25 @@ impl PerMessage {
     }
 }
 
+impl PerMessage {
+    /// PostgreSQL's CPU per message, in µs.
+    pub fn postgresql(&self) -> f64 {
+        self.of(Group::PostgreSql)
+    }
+
+    /// The benchmark process's own CPU per message, in µs.
+    pub fn bench(&self) -> f64 {
+        self.of(Group::Bench)
+    }
+
+    fn of(&self, wanted: Group) -> f64 {
+        self.micros
+            .iter()
+            .find(|(group, _)| *group == wanted)
+            .map_or(0.0, |(_, us)| *us)
+    }
+}
+
 impl fmt::Display for PerMessage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let total: f64 = self.micros.iter().map(|(_, us)| us).sum();

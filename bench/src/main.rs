@@ -10,6 +10,7 @@
 
 mod amqp;
 mod cpu;
+mod db_path;
 mod gateway;
 mod phases;
 mod reference;

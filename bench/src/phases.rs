@@ -16,6 +16,7 @@
 
 use crate::amqp::{self, Message, Publisher, Received, Sink};
 use crate::cpu;
+use crate::db_path;
 use crate::gateway::{self, Gateway};
 use crate::reference;
 use crate::setup::{GP_ID, OA_ID, World};
@@ -26,6 +27,9 @@ use std::time::{Duration, Instant};
 use trio_gateway::partner::synthetic_niss;
 
 /// Counts for one run.
+/// Phase 4b's small batches: about half load's size (20–25 messages in the full runs).
+const DB_PATH_SMALL_BATCH: usize = 20;
+
 struct Sizes {
     relay: u64,
     hot: usize,
@@ -685,6 +689,19 @@ async fn phases(
         plain.seconds_over(50.0)
     );
     println!("[4 half load] the plain relay at the same pace: {cpu_plain}");
+
+    // 4b. The database path alone, over the first few hundred insured (the bench's own
+    // pseudonymiser meets them once, in its warm-up).
+    let batch_size = gateway_batch_size()?;
+    let insured = (2 * batch_size as u64).min(sizes.hot as u64);
+    db_path::run(
+        world,
+        &world.users[1].0,
+        (DB_PATH_SMALL_BATCH, batch_size),
+        usize::try_from((sizes.one_to_one / 10).max(10_000)).unwrap_or(usize::MAX),
+        |k| traffic.hot.upsert(40, k % insured).body,
+    )
+    .await?;
 
     // 5. Scale.
     let seeding = Instant::now();

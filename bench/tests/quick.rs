@@ -1,7 +1,7 @@
 //! CI smoke check of the benchmark: `trio-bench --quick` runs every phase with small counts
 //! against the real broker and database, exits 0, prints the reference pipeline's ratios, the
 //! gateway's 1:1 rate against the faster of them, how the half load's latency tail spread over
-//! its seconds, and ends with the summary line whose five figures are all positive. With a
+//! its seconds, what the database path alone costs per batch, and ends with the summary line whose five figures are all positive. With a
 //! service down it fails, saying which.
 
 use std::process::Command;
@@ -50,6 +50,36 @@ fn quick_benchmark_runs_every_phase_and_prints_the_summary() {
         .filter(|l| l.starts_with("[4 half load]") && l.contains("seconds had a latency over"))
         .count();
     assert_eq!(spreads, 2, "the half load's tail spreads:\n{stdout}");
+    // The database path alone: a line per batch size with its time per batch, and the fixed
+    // and per-message costs they imply.
+    let sizes: Vec<f64> = stdout
+        .lines()
+        .filter(|l| l.starts_with("[4b database path] batches of"))
+        .map(|l| number_between(l, "batches of ", ":").unwrap_or(0.0))
+        .collect();
+    assert_eq!(
+        sizes,
+        [20.0, 200.0],
+        "the database path's batches:\n{stdout}"
+    );
+    for l in stdout
+        .lines()
+        .filter(|l| l.starts_with("[4b database path] batches of"))
+    {
+        let ms: f64 = l
+            .split(" ms each")
+            .next()
+            .and_then(|head| head.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0.0);
+        assert!(ms > 0.0, "{l}");
+    }
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("[4b database path] so a batch costs PostgreSQL")),
+        "no fixed and per-message cost of the database path:\n{stdout}"
+    );
     let last = stdout.lines().last().unwrap_or_default();
     let fields: Vec<(&str, f64)> = last
         .split_whitespace()
