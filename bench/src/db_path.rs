@@ -32,12 +32,11 @@ pub async fn run(
     messages: usize,
     mut body: impl FnMut(u64) -> Vec<u8>,
 ) -> anyhow::Result<()> {
-    let mut config = Config {
+    let config = Config {
         database_url: SecretUrl::new(world.database_url()),
         db_pool_size: 2,
         ..Config::default()
     };
-    config.workers = 1;
     let pool = trio_gateway::serve::connect_db(&config, None).await?;
     let domain = std::fs::read_to_string(world.dir.join("domain.json"))
         .context("reading the bench's pseudonymisation domain")?;
