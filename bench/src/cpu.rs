@@ -104,9 +104,7 @@ impl PerMessage {
             .collect();
         Self { micros }
     }
-}
 
-impl PerMessage {
     /// PostgreSQL's CPU per message, in µs.
     pub fn postgresql(&self) -> f64 {
         self.of(Group::PostgreSql)

@@ -26,10 +26,10 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 use trio_gateway::partner::synthetic_niss;
 
-/// Counts for one run.
 /// Phase 4b's small batches: about half load's size (20–25 messages in the full runs).
 const DB_PATH_SMALL_BATCH: usize = 20;
 
+/// Counts for one run.
 struct Sizes {
     relay: u64,
     hot: usize,
