@@ -106,12 +106,16 @@ pub fn decode_stored(bytes: &[u8], result: &str) -> Result<Vec<OutboundMessage>,
         return Ok(postcard::from_bytes(bytes)?);
     };
     let row: KeptRow<'_> = postcard::from_bytes(rest)?;
+    // The row records where the shared part lies in its result, which the result alone also
+    // says: a result whose pseudonym string is not exactly there is not this row's, and the
+    // bodies are refused rather than rebuilt from the wrong bytes.
     let shared = match row.shared {
-        Some((start, len)) => usize::try_from(start)
-            .ok()
-            .zip(usize::try_from(len).ok())
-            .and_then(|(start, len)| result.as_bytes().get(start..start.checked_add(len)?))
-            .ok_or(StoredError::NotInResult)?,
+        Some(recorded) => match shared_with_result(result) {
+            Some((start, len)) if recorded == (start as u64, len as u64) => {
+                &result.as_bytes()[start..start + len]
+            }
+            _ => return Err(StoredError::NotInResult),
+        },
         None => &[][..],
     };
     row.messages
@@ -334,9 +338,15 @@ mod tests {
             "the pseudonym is kept in the result only"
         );
         assert!(decode_stored(&stored[..stored.len() - 1], &result).is_err());
-        // Read back with a result that lacks the shared part: refused, never a wrong body.
+        // Read back with a result that lacks the shared part, or holds a pseudonym elsewhere
+        // (another row's: here one character later), refused, never a wrong body.
         assert!(matches!(
             decode_stored(&stored, "{}"),
+            Err(StoredError::NotInResult)
+        ));
+        let elsewhere = result.replace("TRIO-00000007", "TRIO-000000007");
+        assert!(matches!(
+            decode_stored(&stored, &elsewhere),
             Err(StoredError::NotInResult)
         ));
         // A result without a pseudonym: every body kept whole.
