@@ -36,16 +36,47 @@ use trio_schemas::{Message, OrgKind, RawNiss, Relation};
 /// every connection given back to it (0.8, unconditionally). A worker runs one batch at a time,
 /// so it keeps one. A batch that fails closes it, and one that panics returns it to the pool
 /// (which tests it, and rolls back what the batch left open); the next batch takes a connection
-/// from the pool.
-#[derive(Default)]
-pub struct HeldConnection(Option<PoolConnection<Postgres>>);
+/// from the pool. A connection kept longer than its hold limit ([`HOLD_AT_MOST`] by default) is
+/// given back before the next batch and one taken again, so that the pool's own limits
+/// (`max_lifetime`, 30 minutes by default) apply to it too.
+pub struct HeldConnection {
+    /// The connection kept, and when it was taken from the pool.
+    held: Option<(PoolConnection<Postgres>, Instant)>,
+    hold_at_most: Duration,
+}
+
+/// How long a worker keeps one connection before giving it back to the pool and taking one
+/// again: a ping and a look for the prepared statement every five minutes, so that a
+/// connection the pool would retire (past its `max_lifetime`) does not live on in a worker.
+pub const HOLD_AT_MOST: Duration = Duration::from_secs(300);
+
+impl Default for HeldConnection {
+    fn default() -> Self {
+        Self::holding_at_most(HOLD_AT_MOST)
+    }
+}
 
 impl HeldConnection {
+    /// No connection yet; each one taken is given back to the pool at the first batch after
+    /// `limit`.
+    #[must_use]
+    pub fn holding_at_most(limit: Duration) -> Self {
+        Self {
+            held: None,
+            hold_at_most: limit,
+        }
+    }
+
     /// The connection kept, or one from `pool` on which [`PREPARE_LOCKS`] was run (unless
-    /// it already was: a connection given back to the pool keeps it).
-    async fn take(&mut self, pool: &PgPool) -> sqlx::Result<PoolConnection<Postgres>> {
-        if let Some(conn) = self.0.take() {
-            return Ok(conn);
+    /// it already was: a connection given back to the pool keeps it), with when it was taken.
+    async fn take(&mut self, pool: &PgPool) -> sqlx::Result<(PoolConnection<Postgres>, Instant)> {
+        match self.held.take() {
+            Some((conn, since)) if since.elapsed() < self.hold_at_most => {
+                return Ok((conn, since));
+            }
+            // Back to the pool, which retires it if past its lifetime.
+            Some((conn, _)) => drop(conn),
+            None => {}
         }
         let mut conn = pool.acquire().await?;
         let prepared: bool = sqlx::query_scalar(
@@ -56,7 +87,7 @@ impl HeldConnection {
         if !prepared {
             conn.execute(PREPARE_LOCKS).await?;
         }
-        Ok(conn)
+        Ok((conn, Instant::now()))
     }
 }
 
@@ -396,7 +427,7 @@ pub async fn process_batch(
     let (needs, locks) = needs(batch, &prepared);
     steps.mark("prepare");
 
-    let mut conn = connection.take(&ctx.pool).await?;
+    let (mut conn, since) = connection.take(&ctx.pool).await?;
     let result = transaction(
         ctx,
         &mut conn,
@@ -411,7 +442,7 @@ pub async fn process_batch(
     )
     .await;
     if result.is_ok() {
-        connection.0 = Some(conn);
+        connection.held = Some((conn, since));
     } else {
         // A statement that failed inside the one that begins the transaction (a cancelled lock
         // wait, say) leaves it aborted without sqlx knowing of it, so it would not roll it back:

@@ -1,12 +1,13 @@
 //! A worker runs its batches on one database connection it keeps ([`HeldConnection`]), and the
 //! batch's first round trip both begins the transaction and takes its locks, with a statement
 //! prepared on that connection: a batch that fails there must not leave that connection, or the
-//! pool, with a transaction nobody ends, and a connection taken from the pool must run batches
-//! whether or not the statement is prepared on it.
+//! pool, with a transaction nobody ends, a connection taken from the pool must run batches
+//! whether or not the statement is prepared on it, and a connection kept past its hold limit goes
+//! back to the pool, whose limits then apply to it.
 
 use crate::{World, trajet, upsert_from_oa, world_without_gateway};
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use std::time::Duration;
 use trio_handlers::batch::lock_key;
 use trio_handlers::context::Context;
@@ -109,23 +110,16 @@ async fn a_connection_taken_again_from_the_pool_runs_batches_whether_or_not_it_w
             .unwrap();
         names
     };
-    let upsert = |version: i64| {
-        let body = trajet(&w.niss, "again", "rtw_ami", "en_cours", version);
-        upsert_from_oa(&format!("m-again-{version}"), &body)
-    };
-    let commits = |result: Result<trio_handlers::BatchResult, BatchError>| {
-        let result = result.expect("the batch commits");
-        assert_eq!(result.outcomes[0].status.as_str(), "accepted");
-    };
+    let upsert = |version| version_of(&w, "again", version);
 
     let mut first = HeldConnection::default();
-    commits(process_batch(&ctx, &mut first, &[upsert(1)]).await);
+    commits(&ctx, &mut first, upsert(1)).await;
     drop(first);
     let names = prepared_statements().await;
     assert!(names.iter().any(|n| n == "trio_batch_locks"), "{names:?}");
 
     let mut second = HeldConnection::default();
-    commits(process_batch(&ctx, &mut second, &[upsert(2)]).await);
+    commits(&ctx, &mut second, upsert(2)).await;
     drop(second);
 
     // As after a `DISCARD ALL`: the statement is gone, and the next worker prepares it again.
@@ -134,11 +128,94 @@ async fn a_connection_taken_again_from_the_pool_runs_batches_whether_or_not_it_w
         .await
         .unwrap();
     let mut third = HeldConnection::default();
-    commits(process_batch(&ctx, &mut third, &[upsert(3)]).await);
+    commits(&ctx, &mut third, upsert(3)).await;
 
     let version: i64 = sqlx::query_scalar("SELECT version FROM trajet WHERE ref = 'again'")
         .fetch_one(&w.env.db)
         .await
         .unwrap();
     assert_eq!(version, 3);
+}
+
+/// A worker keeps its connection only up to its hold limit: past it, the connection goes back to
+/// the pool before the next batch, and a pool whose `max_lifetime` it outlived closes it; the
+/// batch runs on a new connection (preparing the lock statement there). Within the limit, the
+/// same connection runs every batch, whatever the pool's lifetime.
+#[tokio::test]
+async fn a_connection_kept_past_its_hold_limit_goes_back_to_the_pool_which_may_retire_it() {
+    let (w, shared) = world_without_gateway(82).await;
+    let options: PgConnectOptions = w.env.config.database_url.expose().parse().unwrap();
+    // Every connection is past this lifetime by the time it is given back.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(Duration::from_millis(1))
+        .connect_with(options.application_name("trio-held"))
+        .await
+        .unwrap();
+    let ctx = Context::new(pool, shared.pseudonymiser.clone(), ["guest".to_owned()]);
+    let backends = || async {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'trio-held'",
+        )
+        .fetch_all(&w.env.db)
+        .await
+        .unwrap();
+        pids
+    };
+    let upsert = |version| version_of(&w, "held", version);
+
+    // Within the limit: one connection for every batch.
+    let mut kept = HeldConnection::default();
+    commits(&ctx, &mut kept, upsert(1)).await;
+    let first = backends().await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    commits(&ctx, &mut kept, upsert(2)).await;
+    commits(&ctx, &mut kept, upsert(3)).await;
+    assert_eq!(
+        backends().await,
+        first,
+        "a connection within its hold limit is kept"
+    );
+    drop(kept);
+
+    // Past the limit (here at once): given back before each batch, retired by the pool.
+    let mut held = HeldConnection::holding_at_most(Duration::ZERO);
+    commits(&ctx, &mut held, upsert(4)).await;
+    let before = backends().await;
+    commits(&ctx, &mut held, upsert(5)).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let after = loop {
+        let now = backends().await;
+        if now.len() == 1 || tokio::time::Instant::now() > deadline {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(
+        after, before,
+        "the connection past its hold limit was not retired"
+    );
+
+    let version: i64 = sqlx::query_scalar("SELECT version FROM trajet WHERE ref = 'held'")
+        .fetch_one(&w.env.db)
+        .await
+        .unwrap();
+    assert_eq!(version, 5);
+}
+
+/// Runs `message` alone as a batch on `connection`, which must commit and accept it.
+async fn commits(ctx: &Context, connection: &mut HeldConnection, message: trio_handlers::Inbound) {
+    let result = process_batch(ctx, connection, std::slice::from_ref(&message))
+        .await
+        .expect("the batch commits");
+    assert_eq!(result.outcomes[0].status.as_str(), "accepted");
+}
+
+/// The OA's `trajet.upsert` of its trajet `reference` for the world's insured, at `version`.
+fn version_of(w: &World, reference: &str, version: i64) -> trio_handlers::Inbound {
+    let body = trajet(&w.niss, reference, "rtw_ami", "en_cours", version);
+    upsert_from_oa(&format!("m-{reference}-{version}"), &body)
 }
