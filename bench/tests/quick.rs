@@ -1,8 +1,9 @@
 //! CI smoke check of the benchmark: `trio-bench --quick` runs every phase with small counts
 //! against the real broker and database, exits 0, prints the reference pipeline's ratios, the
 //! gateway's 1:1 rate against the faster of them, how the half load's latency tail spread over
-//! its seconds, what the database path alone costs per batch, and ends with the summary line whose five figures are all positive. With a
-//! service down it fails, saying which.
+//! its seconds, what the database path alone costs per batch, and ends with the summary line
+//! whose five figures are all positive, its `relay` the mean of the plain relay's runs before and
+//! after the 1:1 phase. With a service down it fails, saying which.
 
 use std::process::Command;
 
@@ -97,6 +98,35 @@ fn quick_benchmark_runs_every_phase_and_prints_the_summary() {
     for (name, value) in &fields {
         assert!(*value > 0.0, "{name} is not positive in {last:?}");
     }
+    // `relay` is the mean of the plain relay's two runs, before and after the 1:1 phase, and
+    // `ratio` compares the gateway with it.
+    let rate_of = |prefix: &str, start: &str| {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(prefix) && l.contains("msgs/s"))
+            .unwrap_or_else(|| panic!("no {prefix} line:\n{stdout}"));
+        let (_, rest) = line
+            .split_once(start)
+            .unwrap_or_else(|| panic!("no {start:?} in {line:?}"));
+        rest.split_once(" msgs/s")
+            .and_then(|(rate, _)| rate.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no rate in {line:?}"))
+    };
+    let before = rate_of("[1 relay ceiling]", "ack after confirm: ");
+    let after = rate_of("[3r relay again]", "as in 1: ");
+    let value = |name: &str| fields.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+    let (relay, gateway, ratio) = (value("relay"), value("gateway"), value("ratio"));
+    let (Some(relay), Some(gateway), Some(ratio)) = (relay, gateway, ratio) else {
+        panic!("{last:?}");
+    };
+    assert!(
+        (relay - (before + after) / 2.0).abs() <= 1.0,
+        "relay={relay} is not the mean of {before} and {after}"
+    );
+    assert!(
+        (ratio - gateway / relay).abs() <= 0.01,
+        "ratio={ratio} is not {gateway} ÷ {relay}"
+    );
 }
 
 /// The number between the last `start` of `line` and the `end` that follows it.
