@@ -22,7 +22,7 @@ use std::process::ExitCode;
 /// The shipped `trio-gateway` binary's allocator (see its `main.rs`), so that the gateway this
 /// binary runs as a child process is the one that ships.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
