@@ -36,7 +36,7 @@ async fn on_one_connection(seq: u32) -> (World, Context, PgPool) {
 /// same worker — on a pool of one connection, so on whatever that failure left — commits.
 #[tokio::test]
 async fn a_batch_whose_lock_wait_was_cancelled_leaves_no_transaction_open_behind_it() {
-    let (w, ctx, _) = on_one_connection(80).await;
+    let (w, ctx, one) = on_one_connection(80).await;
     let body = trajet(&w.niss, "cancelled", "rtw_ami", "en_cours", 1);
     let message = upsert_from_oa("m-cancelled", &body);
 
@@ -95,6 +95,9 @@ async fn a_batch_whose_lock_wait_was_cancelled_leaves_no_transaction_open_behind
         .await
         .unwrap();
     assert_eq!(version, 1);
+    drop((holder, connection));
+    one.close().await;
+    w.env.finish().await;
 }
 
 /// A connection a worker gave back to the pool (its session ended) still has the statement the
@@ -135,6 +138,9 @@ async fn a_connection_taken_again_from_the_pool_runs_batches_whether_or_not_it_w
         .await
         .unwrap();
     assert_eq!(version, 3);
+    drop(third);
+    one.close().await;
+    w.env.finish().await;
 }
 
 /// A worker keeps its connection only up to its hold limit: past it, the connection goes back to
@@ -204,6 +210,9 @@ async fn a_connection_kept_past_its_hold_limit_goes_back_to_the_pool_which_may_r
         .await
         .unwrap();
     assert_eq!(version, 5);
+    drop(held);
+    ctx.pool.close().await;
+    w.env.finish().await;
 }
 
 /// Runs `message` alone as a batch on `connection`, which must commit and accept it.
