@@ -114,6 +114,9 @@ pub struct TestEnv {
     amqp_base: String,
     db_admin_url: String,
     gateway: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+    /// Set once the vhost and database are removed ([`TestEnv::finish`]); until then dropping
+    /// the environment (a test that panicked) removes them.
+    removed: bool,
 }
 
 impl TestEnv {
@@ -191,6 +194,7 @@ impl TestEnv {
             amqp_base: services.amqp_url.clone(),
             db_admin_url: services.database_url.clone(),
             gateway: None,
+            removed: false,
         })
     }
 
@@ -335,19 +339,51 @@ impl TestEnv {
     pub async fn finish(mut self) {
         let _ = self.stop_gateway().await;
         self.db.close().await;
-        let _ = self.admin.delete_vhost(&self.name).await;
-        if let Ok(admin_db) = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&self.db_admin_url)
-            .await
-        {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name.replace('-', "_")
-            ))
-            .execute(&admin_db)
-            .await;
+        remove_vhost_and_database(&self.admin, &self.name, &self.db_admin_url).await;
+        self.removed = true;
+    }
+}
+
+/// A test that failed before [`TestEnv::finish`] still leaves nothing on the machine's services.
+/// The cleanup runs on a thread and runtime of its own: the test's runtime may be unwinding.
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
         }
+        let (admin, name, db_admin_url) = (
+            self.admin.clone(),
+            self.name.clone(),
+            self.db_admin_url.clone(),
+        );
+        let cleanup = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(remove_vhost_and_database(&admin, &name, &db_admin_url));
+            }
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Deletes the test's vhost (closing its connections) and drops its database (`WITH (FORCE)`:
+/// whatever still holds a connection to it). Errors are ignored: cleanup is best effort.
+async fn remove_vhost_and_database(admin: &BrokerAdmin, name: &str, db_admin_url: &str) {
+    let _ = admin.delete_vhost(name).await;
+    if let Ok(admin_db) = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(db_admin_url)
+        .await
+    {
+        let _ = sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            name.replace('-', "_")
+        ))
+        .execute(&admin_db)
+        .await;
+        admin_db.close().await;
     }
 }
 

@@ -5,6 +5,7 @@
 mod access;
 mod connection;
 mod envelope;
+mod environment;
 mod idempotency;
 mod privacy;
 mod redelivery;
