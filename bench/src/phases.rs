@@ -639,9 +639,10 @@ async fn phases(
     );
     cost_one.print("3 gateway 1:1");
 
-    // 3r. The plain relay again, right after: this VM's speed drifts by a fifth within an hour,
-    // and a ceiling read only before the gateway's phases made `ratio` move by as much for the
-    // same code. The two runs bracket phase 3; `ratio` uses their mean.
+    // 3r. The plain relay again, right after, so that `ratio` compares the gateway with the mean
+    // of two relay runs around it: a VM that slows during the run shows as the two readings
+    // parting (6 % in run AN; within 1–5 % in five runs of six), not as a gateway made faster or
+    // slower. Most of `ratio`'s spread is between runs, where both readings move together.
     let (relay_after, cpu_relay_after) =
         relay_ceiling(&operator_url, world, 9, sizes, "relay again").await?;
     let relay_before = relay;
