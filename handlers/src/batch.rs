@@ -26,6 +26,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Connection, Executor as _, PgConnection, PgPool, Postgres};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use trio_pseudo::{AtRest, Niss};
 use trio_schemas::{Message, OrgKind, RawNiss, Relation};
@@ -684,7 +685,7 @@ fn authenticate(ctx: &Context, state: &State, inbound: &Inbound) -> Result<Sende
                     format!("{message_type} is for operators only"),
                 ));
             }
-            Ok(Sender::Org(org.clone()))
+            Ok(Sender::Org(Arc::clone(org)))
         }
     }
 }

@@ -24,7 +24,9 @@ use crate::outcome::{Outcome, Status};
 use crate::state_cache::{InsuredView, StateCache};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use time::{Date, OffsetDateTime};
 use trio_schemas::{Consent, Format, OrgKind, TrajetType};
 
@@ -84,6 +86,12 @@ impl RelKind {
     }
 }
 
+/// An insured's relations: organisation kind and id, and when each ends.
+pub(crate) type Relations = HashMap<(RelKind, String), OffsetDateTime>;
+
+/// An employer's affiliations: SEPP id, and when each ends.
+pub(crate) type Affiliations = HashMap<String, OffsetDateTime>;
+
 /// A communication dossier.
 #[derive(Debug, Clone)]
 pub(crate) struct Dossier {
@@ -135,6 +143,14 @@ struct InboxRow {
     dossier_id: Option<i64>,
     /// The messages this one caused: a range of [`State::outbox`], kept in the row.
     outbound: std::ops::Range<usize>,
+}
+
+/// The first outcome of an idempotency key: read by the batch's load, or recorded by the batch
+/// itself (then kept once, in its [`InboxRow`]).
+enum Recorded {
+    Loaded(Outcome),
+    /// An index into [`State::new_inbox`].
+    New(usize),
 }
 
 /// A change to existing dossier rows that is not a plain upsert (NISS replacement).
@@ -306,17 +322,21 @@ fn same_length(table: &str, len: usize, others: &[usize]) -> sqlx::Result<()> {
 /// The in-memory view of one batch, with its pending writes.
 pub(crate) struct State {
     pub now: OffsetDateTime,
-    orgs: HashMap<OrgKey, Org>,
+    // Organisations, relations, affiliations and dossiers are shared with the state cache's
+    // views (`Arc`), so a batch takes a cached insured without copying them; the rare writes
+    // copy on write (`Arc::make_mut`).
+    orgs: HashMap<OrgKey, Arc<Org>>,
     org_by_user: HashMap<String, OrgKey>,
     insured: HashMap<String, InsuredFacts>,
-    relations: HashMap<String, HashMap<(RelKind, String), OffsetDateTime>>,
-    employer_sepp: HashMap<String, HashMap<String, OffsetDateTime>>,
-    dossiers: HashMap<i64, Dossier>,
+    relations: HashMap<String, Arc<Relations>>,
+    employer_sepp: HashMap<String, Arc<Affiliations>>,
+    dossiers: HashMap<i64, Arc<Dossier>>,
     dossier_by_pseudonym: HashMap<String, i64>,
     trajets: HashMap<TrajetKey, TrajetRow>,
     /// Trajets this batch creates (inserted; every other dirty trajet was loaded, and is updated).
     new_trajets: HashSet<TrajetKey>,
-    inbox: HashMap<(String, String), Outcome>,
+    /// First outcomes by sender, then `message_id` (looked up by `&str`, without building a key).
+    inbox: HashMap<String, HashMap<String, Recorded>>,
     /// The outbound messages kept in the inbox rows the load found (see
     /// [`State::republish_stored`]).
     stored_outbound: HashMap<(String, String), Vec<u8>>,
@@ -465,7 +485,7 @@ impl State {
         if facts.as_ref().is_some_and(|f| f.replaced_by.is_some()) {
             return None;
         }
-        let dossier = self.dossier_of(pseudonym).cloned();
+        let dossier = self.shared_dossier_of(pseudonym).cloned();
         if dossier.as_ref().is_some_and(|d| d.merged_into.is_some()) {
             return None;
         }
@@ -474,7 +494,7 @@ impl State {
         let mut orgs = Vec::new();
         let mut keep_org = |key: OrgKey| {
             if let Some(org) = self.orgs.get(&key) {
-                orgs.push(org.clone());
+                orgs.push(Arc::clone(org));
             }
         };
         for (kind, id) in relations.keys() {
@@ -509,24 +529,25 @@ impl State {
         }
         if !view.relations.is_empty() {
             self.relations
-                .insert(pseudonym.to_owned(), view.relations.clone());
+                .insert(pseudonym.to_owned(), Arc::clone(&view.relations));
         }
         if let Some(dossier) = &view.dossier {
             self.dossier_by_pseudonym
                 .insert(pseudonym.to_owned(), dossier.id);
-            self.dossiers.insert(dossier.id, dossier.clone());
+            self.dossiers.insert(dossier.id, Arc::clone(dossier));
         }
         for (employer, sepps) in &view.employer_sepp {
-            self.employer_sepp
-                .entry(employer.clone())
-                .or_insert_with(|| sepps.clone());
+            if !self.employer_sepp.contains_key(employer) {
+                self.employer_sepp
+                    .insert(employer.clone(), Arc::clone(sepps));
+            }
         }
         for org in &view.orgs {
-            if !self.orgs.contains_key(&org.key()) {
+            if let Entry::Vacant(vacant) = self.orgs.entry(org.key()) {
                 self.org_by_user
                     .entry(org.broker_user.clone())
-                    .or_insert_with(|| org.key());
-                self.orgs.insert(org.key(), org.clone());
+                    .or_insert_with(|| vacant.key().clone());
+                vacant.insert(Arc::clone(org));
             }
         }
     }
@@ -562,9 +583,7 @@ impl State {
         for (i, pseudonym) in pseudonym.into_iter().enumerate() {
             if let Some(kind) = RelKind::parse(&org_kind[i]) {
                 let org_id = std::mem::take(&mut org_id[i]);
-                self.relations
-                    .entry(pseudonym)
-                    .or_default()
+                Arc::make_mut(self.relations.entry(pseudonym).or_default())
                     .insert((kind, org_id), valid_until[i]);
             }
         }
@@ -581,9 +600,7 @@ impl State {
             &[sepp.len(), valid_until.len()],
         )?;
         for (i, employer) in employer.into_iter().enumerate() {
-            self.employer_sepp
-                .entry(employer)
-                .or_default()
+            Arc::make_mut(self.employer_sepp.entry(employer).or_default())
                 .insert(std::mem::take(&mut sepp[i]), valid_until[i]);
         }
         Ok(())
@@ -613,7 +630,7 @@ impl State {
                 },
             };
             self.org_by_user.insert(org.broker_user.clone(), org.key());
-            self.orgs.insert(org.key(), org);
+            self.orgs.insert(org.key(), Arc::new(org));
         }
         Ok(())
     }
@@ -634,7 +651,7 @@ impl State {
             };
             self.dossier_by_pseudonym
                 .insert(dossier.pseudonym.clone(), id);
-            self.dossiers.insert(id, dossier);
+            self.dossiers.insert(id, Arc::new(dossier));
         }
         Ok(())
     }
@@ -715,11 +732,15 @@ impl State {
                 detail: detail[i].take().unwrap_or_default(),
                 result: crate::outcome::stored_result(result[i].take()),
             };
-            let key = (sender, std::mem::take(&mut message_id[i]));
+            let message_id = std::mem::take(&mut message_id[i]);
             if let Some(stored) = stored[i].take() {
-                self.stored_outbound.insert(key.clone(), stored);
+                self.stored_outbound
+                    .insert((sender.clone(), message_id.clone()), stored);
             }
-            self.inbox.insert(key, outcome);
+            self.inbox
+                .entry(sender)
+                .or_default()
+                .insert(message_id, Recorded::Loaded(outcome));
         }
         Ok(())
     }
@@ -728,11 +749,14 @@ impl State {
 
     /// The first outcome recorded for this idempotency key, in the database or earlier in the batch.
     pub(crate) fn recorded_outcome(&self, sender: &str, message_id: &str) -> Option<&Outcome> {
-        self.inbox.get(&(sender.to_owned(), message_id.to_owned()))
+        match self.inbox.get(sender)?.get(message_id)? {
+            Recorded::Loaded(outcome) => Some(outcome),
+            Recorded::New(row) => self.new_inbox.get(*row).map(|row| &row.outcome),
+        }
     }
 
     /// The organisation a broker user publishes as.
-    pub(crate) fn org_by_user(&self, user: &str) -> Option<&Org> {
+    pub(crate) fn org_by_user(&self, user: &str) -> Option<&Arc<Org>> {
         self.org_by_user.get(user).and_then(|k| self.orgs.get(k))
     }
 
@@ -758,10 +782,11 @@ impl State {
     }
 
     fn relation_current(&self, pseudonym: &str, kind: RelKind, org_id: &str) -> bool {
-        self.relations
-            .get(pseudonym)
-            .and_then(|r| r.get(&(kind, org_id.to_owned())))
-            .is_some_and(|until| *until > self.now)
+        // A scan of the insured's few relations: no key to build (and allocate) for a lookup.
+        self.relations.get(pseudonym).is_some_and(|r| {
+            r.iter()
+                .any(|((k, id), until)| *k == kind && id == org_id && *until > self.now)
+        })
     }
 
     fn current_related(&self, pseudonym: &str, kind: RelKind) -> Vec<&str> {
@@ -829,6 +854,10 @@ impl State {
 
     /// The live dossier of an insured.
     pub(crate) fn dossier_of(&self, pseudonym: &str) -> Option<&Dossier> {
+        self.shared_dossier_of(pseudonym).map(Arc::as_ref)
+    }
+
+    fn shared_dossier_of(&self, pseudonym: &str) -> Option<&Arc<Dossier>> {
         self.dossier_by_pseudonym
             .get(pseudonym)
             .and_then(|id| self.dossiers.get(id))
@@ -852,8 +881,16 @@ impl State {
         dossier_id: Option<i64>,
         outbound_from: usize,
     ) {
-        self.inbox
-            .insert((sender.to_owned(), message_id.to_owned()), outcome.clone());
+        let recorded = Recorded::New(self.new_inbox.len());
+        match self.inbox.get_mut(sender) {
+            Some(of_sender) => {
+                of_sender.insert(message_id.to_owned(), recorded);
+            }
+            None => {
+                let of_sender = HashMap::from([(message_id.to_owned(), recorded)]);
+                self.inbox.insert(sender.to_owned(), of_sender);
+            }
+        }
         self.new_inbox.push(InboxRow {
             sender: sender.to_owned(),
             message_id: message_id.to_owned(),
@@ -889,8 +926,7 @@ impl State {
         let key = (sender.to_owned(), message_id.to_owned());
         if let Some(stored) = self.stored_outbound.remove(&key) {
             let result = self
-                .inbox
-                .get(&key)
+                .recorded_outcome(sender, message_id)
                 .map_or("{}", |first| first.result.get());
             let messages = outbound::decode_stored(&stored, result).map_err(|e| {
                 HandlerBug(format!(
@@ -907,7 +943,7 @@ impl State {
         self.org_by_user.retain(|_, key| *key != org.key());
         self.org_by_user.insert(org.broker_user.clone(), org.key());
         self.dirty_orgs.insert(org.key());
-        self.orgs.insert(org.key(), org);
+        self.orgs.insert(org.key(), Arc::new(org));
     }
 
     /// Sets (or with `None`, ends) an insured's relation to an organisation.
@@ -918,7 +954,7 @@ impl State {
         org_id: &str,
         valid_until: Option<OffsetDateTime>,
     ) {
-        let relations = self.relations.entry(pseudonym.to_owned()).or_default();
+        let relations = Arc::make_mut(self.relations.entry(pseudonym.to_owned()).or_default());
         match valid_until {
             Some(until) => {
                 relations.insert((kind, org_id.to_owned()), until);
@@ -938,7 +974,7 @@ impl State {
         sepp: &str,
         valid_until: Option<OffsetDateTime>,
     ) {
-        let sepps = self.employer_sepp.entry(employer.to_owned()).or_default();
+        let sepps = Arc::make_mut(self.employer_sepp.entry(employer.to_owned()).or_default());
         match valid_until {
             Some(until) => {
                 sepps.insert(sepp.to_owned(), until);
@@ -969,22 +1005,22 @@ impl State {
         &mut self,
         pseudonym: &str,
         actor: &OrgKey,
-    ) -> Result<(Dossier, bool), String> {
-        if let Some(dossier) = self.dossier_of(pseudonym) {
-            return Ok((dossier.clone(), false));
+    ) -> Result<(Arc<Dossier>, bool), String> {
+        if let Some(dossier) = self.shared_dossier_of(pseudonym) {
+            return Ok((Arc::clone(dossier), false));
         }
         let id = self
             .spare_dossier_ids
             .pop()
             .ok_or_else(|| "no pre-allocated dossier id left in the batch".to_owned())?;
-        let dossier = Dossier {
+        let dossier = Arc::new(Dossier {
             id,
             number: dossier_number(id),
             pseudonym: pseudonym.to_owned(),
             merged_into: None,
-        };
+        });
         self.dossier_by_pseudonym.insert(pseudonym.to_owned(), id);
-        self.dossiers.insert(id, dossier.clone());
+        self.dossiers.insert(id, Arc::clone(&dossier));
         self.dirty_dossiers.insert(id);
         self.add_history(HistoryRow {
             dossier_id: id,
@@ -1032,12 +1068,12 @@ impl State {
         let moved: Vec<((RelKind, String), OffsetDateTime)> = self
             .relations
             .remove(old)
-            .map(|r| r.into_iter().collect())
+            .map(|r| Arc::unwrap_or_clone(r).into_iter().collect())
             .unwrap_or_default();
         for ((kind, org_id), until) in moved {
             self.dirty_relations
                 .insert((old.to_owned(), kind, org_id.clone()));
-            let target = self.relations.entry(new.to_owned()).or_default();
+            let target = Arc::make_mut(self.relations.entry(new.to_owned()).or_default());
             let entry = target.entry((kind, org_id.clone())).or_insert(until);
             if *entry < until {
                 *entry = until;
@@ -1053,7 +1089,7 @@ impl State {
                 self.dossier_by_pseudonym.remove(old);
                 self.dossier_by_pseudonym.insert(new.to_owned(), id);
                 if let Some(d) = self.dossiers.get_mut(&id) {
-                    d.pseudonym = new.to_owned();
+                    Arc::make_mut(d).pseudonym = new.to_owned();
                 }
                 self.dirty_dossiers.insert(id);
                 self.add_history(HistoryRow {
@@ -1068,7 +1104,7 @@ impl State {
             (Some(from), Some(into)) => {
                 self.dossier_by_pseudonym.remove(old);
                 if let Some(d) = self.dossiers.get_mut(&from) {
-                    d.merged_into = Some(into);
+                    Arc::make_mut(d).merged_into = Some(into);
                 }
                 self.dirty_dossiers.insert(from);
                 let keys: Vec<TrajetKey> = self
@@ -1136,7 +1172,7 @@ impl State {
         let orgs: Vec<&Org> = self
             .dirty_orgs
             .iter()
-            .filter_map(|k| self.orgs.get(k))
+            .filter_map(|k| self.orgs.get(k).map(Arc::as_ref))
             .collect();
         // A broker user moving between organisations must first leave the old one.
         let users: Vec<&str> = orgs.iter().map(|o| o.broker_user.as_str()).collect();
@@ -1300,7 +1336,7 @@ impl State {
         let dossiers: Vec<&Dossier> = self
             .dirty_dossiers
             .iter()
-            .filter_map(|id| self.dossiers.get(id))
+            .filter_map(|id| self.dossiers.get(id).map(Arc::as_ref))
             .collect();
         sqlx::query(
             "INSERT INTO dossier (id, number, pseudonym, merged_into) \

@@ -18,12 +18,11 @@
 //!
 //! The views are bounded in number ([`StateCache::new`]) and hold pseudonyms, never a NISS.
 
-use crate::state::{Dossier, InsuredFacts, Org, RelKind};
+use crate::state::{Affiliations, Dossier, InsuredFacts, Org, Relations};
 use quick_cache::sync::Cache;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use time::OffsetDateTime;
 
 /// Insured views a process keeps by default. A view with two relations takes about 1.7 KB of the
 /// process's memory (the benchmark's backlog run: peak RSS 168 MiB with 10 000 insured cached,
@@ -39,13 +38,13 @@ pub(crate) struct InsuredView {
     /// The `insured` row, if any.
     pub facts: Option<InsuredFacts>,
     /// Current relations, with their end.
-    pub relations: HashMap<(RelKind, String), OffsetDateTime>,
+    pub relations: Arc<Relations>,
     /// The insured's dossier, if any.
-    pub dossier: Option<Dossier>,
+    pub dossier: Option<Arc<Dossier>>,
     /// The current SEPPs of each employer the insured is related to.
-    pub employer_sepp: Vec<(String, HashMap<String, OffsetDateTime>)>,
+    pub employer_sepp: Vec<(String, Arc<Affiliations>)>,
     /// The registered organisations the relations and affiliations name.
-    pub orgs: Vec<Org>,
+    pub orgs: Vec<Arc<Org>>,
 }
 
 /// The process's insured views, shared by its workers.

@@ -10,6 +10,7 @@ use crate::outcome::{Outcome, RejectCode, Rejection};
 use crate::state::{Org, OrgKey};
 use serde_json::value::RawValue;
 use std::collections::HashMap;
+use std::sync::Arc;
 use trio_schemas::OrgKind;
 
 /// The authenticated sender of a message.
@@ -17,8 +18,8 @@ use trio_schemas::OrgKind;
 pub(crate) enum Sender {
     /// A broker user listed as operator (reference data on the `reference` queue).
     Operator(String),
-    /// A registered organisation, on its own kind's queue.
-    Org(Org),
+    /// A registered organisation, on its own kind's queue (shared with the batch's state).
+    Org(Arc<Org>),
 }
 
 impl Sender {
