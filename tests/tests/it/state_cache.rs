@@ -8,7 +8,7 @@
 //! reckoning, the dossier ids it sets aside for a batch that mixes insured with and without a
 //! dossier.
 
-use crate::{OA, World, inbound, trajet, upsert_from_oa, world_without_gateway};
+use crate::{GP, OA, World, inbound, trajet, upsert_from_oa, world_without_gateway};
 use serde_json::json;
 use trio_handlers::context::Context;
 use trio_handlers::{HeldConnection, Inbound, SourceQueue, process_batch};
@@ -109,6 +109,67 @@ async fn a_relation_ended_by_another_writer_is_seen_by_the_next_batch() {
         "the cached view must not outlive the relation"
     );
     assert_eq!(ctx.state_cache.counts(), (0, 3), "read again, not served");
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn a_batch_rolled_back_leaves_the_cached_view_as_it_was() {
+    let (w, ctx) = world_without_gateway(63).await;
+    warm_up(&ctx, &w, "k").await;
+
+    // A batch takes the cached insured (whose relations it shares with the cache), ends the
+    // GP's relation in memory, and fails at its flush: a trigger refuses the deletion.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
+         CREATE TRIGGER refuse_relation_delete BEFORE DELETE ON insured_relation \
+         FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .execute(&w.env.db)
+    .await
+    .unwrap();
+    let unset = inbound(
+        SourceQueue::Reference,
+        "guest",
+        MessageType::RelationUnset,
+        "k-unset",
+        &json!({"relation": {"kind": "insured_gp", "niss": w.niss, "gp": GP}}),
+    );
+    let failed = process_batch(&ctx, &mut HeldConnection::default(), &[unset]).await;
+    assert!(failed.is_err(), "the flush must fail: {failed:?}");
+    assert_eq!(
+        ctx.state_cache.counts(),
+        (1, 2),
+        "the failed batch used the view"
+    );
+    sqlx::raw_sql("DROP TRIGGER refuse_relation_delete ON insured_relation")
+        .execute(&w.env.db)
+        .await
+        .unwrap();
+
+    // Nothing was committed, so the epoch did not move and the next batch takes the same view:
+    // the GP is still related, and still gets the trajet's update.
+    let third = process_batch(
+        &ctx,
+        &mut HeldConnection::default(),
+        &[upsert_from_oa(
+            "k-3",
+            &trajet(&w.niss, "k", "rtw_ami", "en_cours", 3),
+        )],
+    )
+    .await
+    .expect("batch");
+    assert_eq!(third.outcomes[0].status.as_str(), "accepted");
+    assert_eq!(ctx.state_cache.counts(), (2, 2), "served from the cache");
+    let recipients: Vec<&str> = third
+        .outbound
+        .iter()
+        .map(|m| m.routing_key.as_str())
+        .collect();
+    assert!(
+        recipients.contains(&format!("gp.{GP}").as_str()),
+        "the rolled-back unset leaked into the cached view: recipients {recipients:?}"
+    );
     w.env.finish().await;
 }
 
