@@ -148,6 +148,7 @@ struct InboxRow {
 /// The first outcome of an idempotency key: read by the batch's load, or recorded by the batch
 /// itself (then kept once, in its [`InboxRow`]).
 enum Recorded {
+    /// Committed by an earlier batch, as the load read it.
     Loaded(Outcome),
     /// An index into [`State::new_inbox`].
     New(usize),
