@@ -137,6 +137,12 @@ impl TestEnv {
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
         env.start_gateway();
+        // Returned only once the gateway declared its topology (`trio.outbound`, which the
+        // probe binds to, comes last): a test that fails at once and drops the environment must
+        // not delete the vhost while a quorum queue is being declared. RabbitMQ 3.10 then loses
+        // its quorum queues' dead-letter supervisor (`rabbit_fifo_dlx_sup`, past its restart
+        // intensity) and refuses every publish to a new quorum queue until it restarts.
+        drop(env.operator().await);
         env
     }
 

@@ -10,13 +10,9 @@ use trio_tests::TestEnv;
 /// database: afterwards neither accepts a connection.
 #[tokio::test]
 async fn an_environment_dropped_before_finish_removes_its_vhost_and_database() {
+    // `start` returns once the gateway declared its topology, so the drop below cannot race
+    // with a queue declaration (see `TestEnv::start_with`).
     let env = TestEnv::start().await;
-    // Let the gateway finish declaring its topology first: RabbitMQ 3.10 loses its quorum
-    // queues' dead-letter supervisor (`rabbit_fifo_dlx_sup`, past its restart intensity) when a
-    // vhost is deleted while one of them is being declared, and from then on refuses every
-    // publish to a new quorum queue until the broker restarts (seen once: every later test of
-    // the run failed with "the broker refused an inbound message").
-    drop(env.operator().await);
     let database_url = env.config.database_url.expose().to_owned();
     // The harness's URLs take the user name as password, which is guest's.
     let amqp_url = env.amqp_url_as("guest");
