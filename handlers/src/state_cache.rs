@@ -4,8 +4,8 @@
 //!
 //! **Why.** Those rows were about half of the index probes of a batch's load, yet on steady
 //! traffic (new versions of existing trajets) none of them changes from one batch to the next.
-//! Keeping them saved 3–5 µs of PostgreSQL CPU per message in the benchmark (README, the eighth
-//! pass).
+//! Keeping them saved 3–5 µs of PostgreSQL CPU per message in the benchmark
+//! (`bench/HISTORY.md`, the eighth pass).
 //!
 //! **Why it is never stale.** Every change to the tables a view is made of moves the *state
 //! epoch* in the same transaction (statement triggers, migration `…_state_epoch.sql`), whoever
