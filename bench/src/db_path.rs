@@ -71,9 +71,12 @@ pub async fn run(
         let warm = batch_of(large);
         run_one(&ctx, &mut connection, &warm).await?;
     }
+    let narrow_before = ctx.state_cache.narrow_loads();
     let mut figures = Vec::new();
+    let mut measured = 0;
     for size in [small, large] {
         let batches = (messages / size).max(1);
+        measured += batches;
         let work: Vec<Vec<Inbound>> = (0..batches).map(|_| batch_of(size)).collect();
         let cpu_before = cpu::snapshot(&[]);
         let started = Instant::now();
@@ -89,6 +92,7 @@ pub async fn run(
             bench_us_per_batch: cost.bench(),
         });
     }
+    let narrow_after = ctx.state_cache.narrow_loads();
     drop(connection);
     pool.close().await;
     for f in &figures {
@@ -103,6 +107,12 @@ pub async fn run(
             f.bench_us_per_batch / f.batch as f64,
         );
     }
+    println!(
+        "[4b database path] {} of the {measured} batches loaded narrowly (every insured cached), \
+         {} tried to and found the state epoch moved",
+        narrow_after.0 - narrow_before.0,
+        narrow_after.1 - narrow_before.1,
+    );
     if let [a, b] = figures.as_slice() {
         // Two points of `cost = fixed + per_message × size`.
         let line = |ya: f64, yb: f64| {

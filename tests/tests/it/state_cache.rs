@@ -2,6 +2,10 @@
 //! across batches, and a change by any writer — the gateway, another process, a hand-run fix —
 //! is seen by the very next batch, because it moves the state epoch in its own commit.
 //!
+//! Steady traffic (every insured cached) is loaded with a narrow statement that reads only
+//! trajets, the inbox and the senders' organisations; it falls back to the whole load when the
+//! epoch moved.
+//!
 //! These tests drive `process_batch` directly with a context of their own, on a database the
 //! gateway set up (organisations and relations registered through the broker), so they can read
 //! the cache's counts and compose a batch. The last one checks the load's other per-batch
@@ -55,6 +59,11 @@ async fn a_later_batch_on_an_insured_reads_it_from_the_cache() {
         (1, 2),
         "third batch: from the cache"
     );
+    assert_eq!(
+        ctx.state_cache.narrow_loads(),
+        (1, 0),
+        "the third batch read only trajets, the inbox and its sender (the narrow load)"
+    );
     let version: i64 = sqlx::query_scalar("SELECT version FROM trajet WHERE ref = 'c'")
         .fetch_one(&w.env.db)
         .await
@@ -63,6 +72,25 @@ async fn a_later_batch_on_an_insured_reads_it_from_the_cache() {
         version, 3,
         "the batch served from the cache wrote its trajet"
     );
+
+    // A narrow load finds what a batch needs from the inbox and the trajets: a redelivered
+    // message is a duplicate, a version already stored is stale, and a new ref is created.
+    let batch = [
+        upsert_from_oa("c-3", &trajet(&w.niss, "c", "rtw_ami", "en_cours", 3)),
+        upsert_from_oa("c-3bis", &trajet(&w.niss, "c", "rtw_ami", "en_cours", 3)),
+        upsert_from_oa("d-1", &trajet(&w.niss, "d", "rtw_ami", "en_cours", 1)),
+    ];
+    let result = process_batch(&ctx, &mut HeldConnection::default(), &batch)
+        .await
+        .expect("batch");
+    let statuses: Vec<&str> = result.outcomes.iter().map(|o| o.status.as_str()).collect();
+    assert_eq!(statuses, ["duplicate", "stale", "accepted"]);
+    assert_eq!(ctx.state_cache.narrow_loads(), (2, 0));
+    let refs: Vec<(String, i64)> = sqlx::query_as("SELECT ref, version FROM trajet ORDER BY ref")
+        .fetch_all(&w.env.db)
+        .await
+        .unwrap();
+    assert_eq!(refs, [("c".to_owned(), 3), ("d".to_owned(), 1)]);
 
     // Off, nothing is kept: every batch reads the insured.
     let off = Context::new(
@@ -109,6 +137,11 @@ async fn a_relation_ended_by_another_writer_is_seen_by_the_next_batch() {
         "the cached view must not outlive the relation"
     );
     assert_eq!(ctx.state_cache.counts(), (0, 3), "read again, not served");
+    assert_eq!(
+        ctx.state_cache.narrow_loads(),
+        (0, 1),
+        "the narrow load saw the epoch move, and the batch loaded everything"
+    );
     w.env.finish().await;
 }
 
@@ -161,6 +194,11 @@ async fn a_batch_rolled_back_leaves_the_cached_view_as_it_was() {
     .expect("batch");
     assert_eq!(third.outcomes[0].status.as_str(), "accepted");
     assert_eq!(ctx.state_cache.counts(), (2, 2), "served from the cache");
+    assert_eq!(
+        ctx.state_cache.narrow_loads(),
+        (1, 0),
+        "the relation.unset named its GP, so only the next batch loaded narrowly"
+    );
     let recipients: Vec<&str> = third
         .outbound
         .iter()
