@@ -476,8 +476,11 @@ impl State {
             .map(|(user, reference)| (user.as_str(), reference.as_str()))
             .unzip();
         // Steady traffic needs nothing the cache does not hold but trajets, inbox entries and the
-        // senders' organisations: read only those while the cached views are current.
+        // senders' organisations: read only those while the cached views are current (and the
+        // last load found the epoch still: when it keeps moving, the narrow load would only
+        // find that out and cost one more round trip).
         let narrow = cache.enabled()
+            && cache.epoch_was_still()
             && !needs.niss_replacements
             && pseudonyms.is_empty()
             && cached_without_dossier == 0
@@ -558,6 +561,7 @@ impl State {
         state.read_inbox(&row)?;
 
         let epoch: Option<i64> = row.try_get("state_epoch")?;
+        cache.record_epoch_still(epoch == Some(cached_epoch));
         let everyone: Vec<&str>;
         let read: &[&str] = match epoch {
             // The views are current: the statement read only the others.

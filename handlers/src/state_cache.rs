@@ -26,7 +26,7 @@ use crate::state::{Affiliations, Dossier, InsuredFacts, Org, Relations};
 use quick_cache::sync::Cache;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 /// Insured views a process keeps by default. A view with two relations takes about 1.7 KB of the
 /// process's memory (the benchmark's backlog run: peak RSS 168 MiB with 10 000 insured cached,
@@ -62,6 +62,9 @@ pub struct StateCache {
     /// Narrow loads whose epoch was the views', and those that found it moved.
     narrow_current: AtomicU64,
     narrow_stale: AtomicU64,
+    /// Whether the last load read the epoch this process had seen before it (see
+    /// [`StateCache::epoch_was_still`]).
+    epoch_still: AtomicBool,
 }
 
 impl std::fmt::Debug for StateCache {
@@ -83,6 +86,7 @@ impl StateCache {
             misses: AtomicU64::new(0),
             narrow_current: AtomicU64::new(0),
             narrow_stale: AtomicU64::new(0),
+            epoch_still: AtomicBool::new(true),
         }
     }
 
@@ -133,6 +137,20 @@ impl StateCache {
     pub(crate) fn record(&self, hits: usize, misses: usize) {
         self.hits.fetch_add(hits as u64, Ordering::Relaxed);
         self.misses.fetch_add(misses as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the last load read the state epoch the process had seen before it. While it does
+    /// (steady traffic), a batch whose insured are all cached tries the narrow load; once a load
+    /// finds the epoch moved (reference data changing), batches load everything at once until
+    /// one finds it still again, so traffic that keeps moving the epoch does not pay a narrow
+    /// load for nothing in every batch.
+    pub(crate) fn epoch_was_still(&self) -> bool {
+        self.epoch_still.load(Ordering::Relaxed)
+    }
+
+    /// Records whether a load read the epoch the process had seen before it.
+    pub(crate) fn record_epoch_still(&self, still: bool) {
+        self.epoch_still.store(still, Ordering::Relaxed);
     }
 
     /// Counts a narrow load, whether it read the views' epoch (`current`) or not.

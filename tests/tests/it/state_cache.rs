@@ -4,7 +4,7 @@
 //!
 //! Steady traffic (every insured cached) is loaded with a narrow statement that reads only
 //! trajets, the inbox and the senders' organisations; it falls back to the whole load when the
-//! epoch moved.
+//! epoch moved, and is not tried while the epoch keeps moving.
 //!
 //! These tests drive `process_batch` directly with a context of their own, on a database the
 //! gateway set up (organisations and relations registered through the broker), so they can read
@@ -28,10 +28,11 @@ async fn apply(ctx: &Context, inbound: Inbound) -> (String, Option<String>) {
     (outcome.status.as_str().to_owned(), outcome.code.clone())
 }
 
-/// Trajet `reference` at versions 1 and 2, in two batches: the first creates the insured's
-/// dossier (which moves the state epoch), the second reads the insured again and keeps the view.
+/// Trajet `reference` at versions 1 to 3, in three batches: the first creates the insured's
+/// dossier (which moves the state epoch), the second reads the insured again and keeps the view,
+/// the third takes it from the cache (loading everything: the second had seen the epoch move).
 async fn warm_up(ctx: &Context, w: &World, reference: &str) {
-    for version in [1, 2] {
+    for version in [1, 2, 3] {
         let id = format!("{reference}-{version}");
         let body = trajet(&w.niss, reference, "rtw_ami", "en_cours", version);
         let outcome = apply(ctx, upsert_from_oa(&id, &body)).await;
@@ -39,8 +40,13 @@ async fn warm_up(ctx: &Context, w: &World, reference: &str) {
     }
     assert_eq!(
         ctx.state_cache.counts(),
-        (0, 2),
+        (1, 2),
         "the dossier created by the first batch made the second read the insured again"
+    );
+    assert_eq!(
+        ctx.state_cache.narrow_loads(),
+        (0, 0),
+        "after a load that saw the epoch move, the next batch loads everything"
     );
 }
 
@@ -48,36 +54,36 @@ async fn warm_up(ctx: &Context, w: &World, reference: &str) {
 async fn a_later_batch_on_an_insured_reads_it_from_the_cache() {
     let (w, ctx) = world_without_gateway(60).await;
     warm_up(&ctx, &w, "c").await;
-    let third = apply(
+    let fourth = apply(
         &ctx,
-        upsert_from_oa("c-3", &trajet(&w.niss, "c", "rtw_ami", "en_cours", 3)),
+        upsert_from_oa("c-4", &trajet(&w.niss, "c", "rtw_ami", "en_cours", 4)),
     )
     .await;
-    assert_eq!(third, ("accepted".to_owned(), None));
+    assert_eq!(fourth, ("accepted".to_owned(), None));
     assert_eq!(
         ctx.state_cache.counts(),
-        (1, 2),
-        "third batch: from the cache"
+        (2, 2),
+        "fourth batch: from the cache"
     );
     assert_eq!(
         ctx.state_cache.narrow_loads(),
         (1, 0),
-        "the third batch read only trajets, the inbox and its sender (the narrow load)"
+        "the fourth batch read only trajets, the inbox and its sender (the narrow load)"
     );
     let version: i64 = sqlx::query_scalar("SELECT version FROM trajet WHERE ref = 'c'")
         .fetch_one(&w.env.db)
         .await
         .unwrap();
     assert_eq!(
-        version, 3,
+        version, 4,
         "the batch served from the cache wrote its trajet"
     );
 
     // A narrow load finds what a batch needs from the inbox and the trajets: a redelivered
     // message is a duplicate, a version already stored is stale, and a new ref is created.
     let batch = [
-        upsert_from_oa("c-3", &trajet(&w.niss, "c", "rtw_ami", "en_cours", 3)),
-        upsert_from_oa("c-3bis", &trajet(&w.niss, "c", "rtw_ami", "en_cours", 3)),
+        upsert_from_oa("c-4", &trajet(&w.niss, "c", "rtw_ami", "en_cours", 4)),
+        upsert_from_oa("c-4bis", &trajet(&w.niss, "c", "rtw_ami", "en_cours", 4)),
         upsert_from_oa("d-1", &trajet(&w.niss, "d", "rtw_ami", "en_cours", 1)),
     ];
     let result = process_batch(&ctx, &mut HeldConnection::default(), &batch)
@@ -90,7 +96,7 @@ async fn a_later_batch_on_an_insured_reads_it_from_the_cache() {
         .fetch_all(&w.env.db)
         .await
         .unwrap();
-    assert_eq!(refs, [("c".to_owned(), 3), ("d".to_owned(), 1)]);
+    assert_eq!(refs, [("c".to_owned(), 4), ("d".to_owned(), 1)]);
 
     // Off, nothing is kept: every batch reads the insured.
     let off = Context::new(
@@ -99,7 +105,7 @@ async fn a_later_batch_on_an_insured_reads_it_from_the_cache() {
         ["guest".to_owned()],
     )
     .with_state_cache(0);
-    for version in [4, 5] {
+    for version in [5, 6] {
         let id = format!("c-{version}");
         let body = trajet(&w.niss, "c", "rtw_ami", "en_cours", version);
         let outcome = apply(&off, upsert_from_oa(&id, &body)).await;
@@ -126,22 +132,40 @@ async fn a_relation_ended_by_another_writer_is_seen_by_the_next_batch() {
     .unwrap();
     assert_eq!(ended.rows_affected(), 1);
 
-    let third = apply(
+    let fourth = apply(
         &ctx,
-        upsert_from_oa("e-3", &trajet(&w.niss, "e", "rtw_ami", "en_cours", 3)),
+        upsert_from_oa("e-4", &trajet(&w.niss, "e", "rtw_ami", "en_cours", 4)),
     )
     .await;
     assert_eq!(
-        third,
+        fourth,
         ("rejected".to_owned(), Some("no_relation".to_owned())),
         "the cached view must not outlive the relation"
     );
-    assert_eq!(ctx.state_cache.counts(), (0, 3), "read again, not served");
+    assert_eq!(ctx.state_cache.counts(), (1, 3), "read again, not served");
     assert_eq!(
         ctx.state_cache.narrow_loads(),
         (0, 1),
         "the narrow load saw the epoch move, and the batch loaded everything"
     );
+
+    // While the epoch keeps moving (here by hand again), batches load everything at once,
+    // without a narrow load first; once a load finds it still, they load narrowly again.
+    sqlx::query("UPDATE organisation SET name = name")
+        .execute(&w.env.db)
+        .await
+        .unwrap();
+    for (version, narrow) in [(5, (0, 1)), (6, (0, 1)), (7, (1, 1))] {
+        let id = format!("e-{version}");
+        let body = trajet(&w.niss, "e", "rtw_ami", "en_cours", version);
+        let outcome = apply(&ctx, upsert_from_oa(&id, &body)).await;
+        assert_eq!(outcome.1.as_deref(), Some("no_relation"));
+        assert_eq!(
+            ctx.state_cache.narrow_loads(),
+            narrow,
+            "narrow loads after version {version}"
+        );
+    }
     w.env.finish().await;
 }
 
@@ -172,7 +196,7 @@ async fn a_batch_rolled_back_leaves_the_cached_view_as_it_was() {
     assert!(failed.is_err(), "the flush must fail: {failed:?}");
     assert_eq!(
         ctx.state_cache.counts(),
-        (1, 2),
+        (2, 2),
         "the failed batch used the view"
     );
     sqlx::raw_sql("DROP TRIGGER refuse_relation_delete ON insured_relation")
@@ -182,24 +206,24 @@ async fn a_batch_rolled_back_leaves_the_cached_view_as_it_was() {
 
     // Nothing was committed, so the epoch did not move and the next batch takes the same view:
     // the GP is still related, and still gets the trajet's update.
-    let third = process_batch(
+    let fourth = process_batch(
         &ctx,
         &mut HeldConnection::default(),
         &[upsert_from_oa(
-            "k-3",
-            &trajet(&w.niss, "k", "rtw_ami", "en_cours", 3),
+            "k-4",
+            &trajet(&w.niss, "k", "rtw_ami", "en_cours", 4),
         )],
     )
     .await
     .expect("batch");
-    assert_eq!(third.outcomes[0].status.as_str(), "accepted");
-    assert_eq!(ctx.state_cache.counts(), (2, 2), "served from the cache");
+    assert_eq!(fourth.outcomes[0].status.as_str(), "accepted");
+    assert_eq!(ctx.state_cache.counts(), (3, 2), "served from the cache");
     assert_eq!(
         ctx.state_cache.narrow_loads(),
         (1, 0),
         "the relation.unset named its GP, so only the next batch loaded narrowly"
     );
-    let recipients: Vec<&str> = third
+    let recipients: Vec<&str> = fourth
         .outbound
         .iter()
         .map(|m| m.routing_key.as_str())
