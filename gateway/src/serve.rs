@@ -31,8 +31,18 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// # Errors
 /// When the URL is malformed, or the database stays unreachable past `give_up`.
 pub async fn connect_db(config: &Config, give_up: Option<Duration>) -> anyhow::Result<PgPool> {
-    connect_pool(config, config.db_pool_size, &[], give_up).await
+    connect_pool(config, config.db_pool_size, &BATCH_SESSION, give_up).await
 }
+
+/// Session settings of the batch path's connections: every prepared statement runs with its
+/// generic plan from its first execution. Its lookups are written as one index probe per key
+/// (see `trio_handlers::state`), a plan that suits every batch size. PostgreSQL's default
+/// (`auto`) plans the first five executions with their parameters and then keeps doing so for
+/// as long as those plans look cheaper than the generic one, which they do when batches are
+/// small: a connection that began at low traffic planned the batch load anew for every batch,
+/// about 2.2 ms of PostgreSQL CPU for a one-message batch against 0.19 ms with the generic plan
+/// (`pgbench`, bench/HISTORY.md, sixteenth pass).
+const BATCH_SESSION: [(&str, &str); 1] = [("plan_cache_mode", "force_generic_plan")];
 
 /// Session settings of every gateway connection. No JIT: its threshold is a cost estimate, and
 /// on tables nobody has analyzed (autovacuum off, as on this project's CI machine) the estimates
@@ -75,11 +85,10 @@ async fn connect_pool(
         .expose()
         .parse()
         .context("TRIO_DATABASE_URL is not a valid PostgreSQL URL")?;
-    // Statements are prepared once per connection (sqlx caches them) and PostgreSQL's default
-    // plan cache then keeps one generic plan for each: every lookup on the hot path is written
-    // as an index probe per key (see `trio_handlers::state`), a plan that suits every batch
-    // size, so nothing is planned per batch. (Forcing a custom plan per execution cost the
-    // database about a quarter of its CPU per message in the benchmark.)
+    // Statements are prepared once per connection (sqlx caches them); on the batch path each
+    // keeps one generic plan ([`BATCH_SESSION`]), so nothing is planned per batch. (Forcing a
+    // custom plan per execution cost the database about a quarter of its CPU per message in
+    // the benchmark.)
     let options = options.options(SESSION.iter().chain(settings).copied());
     let started = tokio::time::Instant::now();
     let mut delays = backoff();

@@ -319,7 +319,8 @@ async fn simulate_handler_bug(env: &TestEnv, reference: &str) {
 async fn gateway_sessions_never_jit_and_the_relay_commits_without_waiting_for_the_flush() {
     // The batch path's sessions: no JIT (on never-analyzed tables the load's cost estimates
     // crossed jit_above_cost and every batch compiled it), commits synchronous (the inbound
-    // ack follows the commit). The relay's: no JIT either, commits not waiting for the WAL
+    // ack follows the commit), generic plans from the first execution (small batches kept
+    // PostgreSQL planning the load for each one). The relay's: no JIT either, commits not waiting for the WAL
     // flush (a lost delete only re-publishes a row with the same message_id), statements
     // planned with their parameters.
     let env = TestEnv::start().await;
@@ -334,6 +335,10 @@ async fn gateway_sessions_never_jit_and_the_relay_commits_without_waiting_for_th
         .expect("worker pool");
     assert_eq!(setting(workers.clone(), "jit").await, "off");
     assert_eq!(setting(workers.clone(), "synchronous_commit").await, "on");
+    assert_eq!(
+        setting(workers.clone(), "plan_cache_mode").await,
+        "force_generic_plan"
+    );
     let relay = trio_gateway::serve::connect_relay_db(&env.config)
         .await
         .expect("relay pool");

@@ -313,3 +313,52 @@ async fn a_batch_mixing_insured_with_and_without_a_dossier_has_an_id_for_each_ne
     assert_eq!(crate::count(&w.env, "dossier").await, 2);
     w.env.finish().await;
 }
+
+#[tokio::test]
+async fn batches_of_one_message_are_never_planned_anew() {
+    // PostgreSQL plans a prepared statement with its parameters for its first five executions,
+    // and for as long after as that plan looks cheaper than the generic one, as it does for a
+    // small batch: the batch path's connections force the generic plan from the start.
+    let (w, _) = world_without_gateway(64).await;
+    let config = trio_gateway::config::Config {
+        db_pool_size: 1,
+        ..w.env.config.clone()
+    };
+    let one = trio_gateway::serve::connect_db(&config, Some(std::time::Duration::from_secs(10)))
+        .await
+        .expect("a pool of one connection");
+    let ctx = Context::new(
+        one.clone(),
+        w.env.pseudonymiser.clone(),
+        ["guest".to_owned()],
+    );
+    for version in 1..=8 {
+        let id = format!("p-{version}");
+        let body = trajet(&w.niss, "p", "rtw_ami", "en_cours", version);
+        let outcome = apply(&ctx, upsert_from_oa(&id, &body)).await;
+        assert_eq!(outcome, ("accepted".to_owned(), None));
+    }
+    assert!(
+        ctx.state_cache.narrow_loads().0 >= 5,
+        "the later batches loaded narrowly: {:?}",
+        ctx.state_cache.narrow_loads()
+    );
+    // The batches ran on the pool's one connection, which this query runs on too.
+    let plans: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements \
+         WHERE statement ~ 'trajet|inbox'",
+    )
+    .fetch_all(&one)
+    .await
+    .unwrap();
+    assert!(
+        plans.len() >= 3,
+        "the load, the narrow load and the flush: {plans:?}"
+    );
+    for (statement, generic, custom) in &plans {
+        assert_eq!(*custom, 0, "planned per execution: {statement}");
+        assert!(*generic > 0, "never run generically: {statement}");
+    }
+    one.close().await;
+    w.env.finish().await;
+}
