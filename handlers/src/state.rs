@@ -261,7 +261,8 @@ macro_rules! org_trajet_inbox_columns {
 /// views are used), and the transaction's time.
 ///
 /// Its plan has some sixty nodes, and starting them up is most of its cost when a batch is
-/// small: about 0.2 ms of PostgreSQL CPU over empty arrays, four times [`LOAD_NARROW`]'s.
+/// small: 0.2–0.3 ms of PostgreSQL CPU over empty arrays, three to five times
+/// [`LOAD_NARROW`]'s.
 const LOAD: &str = concat!(
     "
 WITH RECURSIVE epoch AS (
@@ -355,9 +356,9 @@ SELECT * FROM
 /// epoch is theirs, and otherwise runs [`LOAD`] (in the same transaction, under the same
 /// locks): a reference change since costs the next batch one more round trip.
 ///
-/// Over empty arrays it costs about a quarter of [`LOAD`]'s PostgreSQL CPU (80 against 240–310
-/// µs with `pgbench` on this project's VM, round trip included): fewer plan nodes to start up,
-/// which is most of a small batch's load.
+/// Over empty arrays it costs about a quarter of [`LOAD`]'s PostgreSQL CPU (63 against 208–228
+/// µs in the same `pgbench` runs on this project's VM, round trip included): fewer plan nodes to
+/// start up, which is most of a small batch's load (`bench/HISTORY.md`, sixteenth pass).
 const LOAD_NARROW: &str = concat!(
     "
 WITH org AS (
