@@ -3,13 +3,13 @@
 //! A batch is loaded with one statement (every row its messages can touch, [`LOAD`]; on steady
 //! traffic, whose insured the process has all cached, only trajets and the inbox:
 //! [`LOAD_NARROW`]), changed in memory by the handlers in delivery order — so a later message
-//! sees an earlier one's effects — and written back with multi-row `UNNEST` statements: one for the tables every message writes
-//! (trajets, history, and the inbox with each message's outbound messages: [`FLUSH_HOT`]), and
-//! one per table for the rarer writes (organisations, insured facts, relations, affiliations,
-//! new dossiers). The number of round trips per batch is therefore fixed, whatever the batch
-//! size — four on the hot path: begin with the locks, load, flush, commit — and this lets one
-//! transaction carry a hundred messages, and a small batch at low load finish in a few
-//! milliseconds.
+//! sees an earlier one's effects — and written back with multi-row `UNNEST` statements: one for
+//! the tables every message writes (trajets, history, and the inbox with each message's
+//! outbound messages: [`FLUSH_HOT`]), and one per table for the rarer writes (organisations,
+//! insured facts, relations, affiliations, new dossiers). The number of round trips per batch is
+//! therefore fixed, whatever the batch size — four on the hot path: begin with the locks, load,
+//! flush, commit — and this lets one transaction carry a hundred messages, and a small batch at
+//! low load finish in a few milliseconds.
 //!
 //! Lookups by a batch's keys are written `UNNEST(keys) CROSS JOIN LATERAL (… WHERE key = k …
 //! OFFSET 0)`: one index probe per key, whatever the planner's estimates. With `key = ANY($1)`
@@ -480,7 +480,7 @@ impl State {
         // senders' organisations: read only those while the cached views are current (and the
         // last load found the epoch still: when it keeps moving, the narrow load would only
         // find that out and cost one more round trip).
-        let narrow = cache.enabled()
+        let try_narrow = cache.enabled()
             && cache.epoch_was_still()
             && !needs.niss_replacements
             && pseudonyms.is_empty()
@@ -488,7 +488,7 @@ impl State {
             && needs.employers.is_empty()
             && needs.orgs.is_empty();
         let mut narrow_row = None;
-        if narrow {
+        if try_narrow {
             let row = sqlx::query(LOAD_NARROW)
                 .bind(&users)
                 .bind(&senders)
