@@ -320,9 +320,9 @@ async fn gateway_sessions_never_jit_and_the_relay_commits_without_waiting_for_th
     // The batch path's sessions: no JIT (on never-analyzed tables the load's cost estimates
     // crossed jit_above_cost and every batch compiled it), commits synchronous (the inbound
     // ack follows the commit), generic plans from the first execution (small batches kept
-    // PostgreSQL planning the load for each one). The relay's: no JIT either, commits not waiting for the WAL
-    // flush (a lost delete only re-publishes a row with the same message_id), statements
-    // planned with their parameters.
+    // PostgreSQL planning the load for each one). The relay's: no JIT either, commits not
+    // waiting for the WAL flush (a lost delete only re-publishes a row with the same
+    // message_id), statements planned with their parameters.
     let env = TestEnv::start().await;
     let setting = |pool: sqlx::PgPool, name: &'static str| async move {
         sqlx::query_scalar::<_, String>(&format!("SHOW {name}"))
