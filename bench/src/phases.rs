@@ -7,7 +7,9 @@
 //! 3. gateway 1:1 (`trajet.upsert` → exactly one `trajet.updated`), throughput (also against the
 //!    faster reference pipeline run) and latency; then the relay ceiling again, so that `ratio`
 //!    compares the gateway with the mean of two relay runs around it;
-//! 4. latency at half the throughput of 3, paced;
+//! 4. latency at half the throughput of 3, paced; 4b, the database path alone at batches of
+//!    20 and of the gateway's size; 4c, low traffic (100 msgs/s: batches of a message or two),
+//!    latency and CPU per message, against the plain relay at the same pace;
 //! 5. scale: 3 again with a million cold insured in the database;
 //! 6. backlog: messages queued before `serve` starts; peak RSS and drain rate;
 //! 7. two `serve` processes; throughput, and every trajet at its highest version.
@@ -27,6 +29,9 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 use trio_gateway::partner::synthetic_niss;
 
+/// Phase 4c's pace: far below a batch's worth per linger, so batches hold one message or two.
+const LOW_TRAFFIC_RATE: f64 = 100.0;
+
 /// Phase 4b's small batches: about half load's size (20–25 messages in the full runs).
 const DB_PATH_SMALL_BATCH: usize = 20;
 
@@ -36,6 +41,8 @@ struct Sizes {
     hot: usize,
     one_to_one: u64,
     half_load_seconds: f64,
+    /// Length of phase 4c, at [`LOW_TRAFFIC_RATE`].
+    low_traffic_seconds: f64,
     cold: u64,
     backlog: u64,
     two: u64,
@@ -48,6 +55,7 @@ const FULL: Sizes = Sizes {
     hot: 10_000,
     one_to_one: 200_000,
     half_load_seconds: 20.0,
+    low_traffic_seconds: 10.0,
     cold: 1_000_000,
     backlog: 1_000_000,
     two: 200_000,
@@ -64,6 +72,7 @@ const QUICK: Sizes = Sizes {
     hot: 2_000,
     one_to_one: 6_000,
     half_load_seconds: 2.0,
+    low_traffic_seconds: 1.0,
     cold: 20_000,
     backlog: 6_000,
     two: 6_000,
@@ -729,6 +738,48 @@ async fn phases(
         |k| traffic.hot.upsert(40, k % insured).body,
     )
     .await?;
+
+    // 4c. Low traffic: a message at a time, so each batch pays its fixed costs alone (its
+    // round trips, its statements' plans) — what half load and 1:1 share over many messages.
+    let low_count = ((LOW_TRAFFIC_RATE * sizes.low_traffic_seconds) as u64).max(100);
+    let meter = Meter::start(world, gateways).await;
+    let (_, got) = traffic.run(13, low_count, Some(LOW_TRAFFIC_RATE)).await?;
+    let cost_low = meter.per_message(world, gateways, low_count).await;
+    span(world, 13, Instant::now(), &got, low_count, "low traffic").await?;
+    println!(
+        "[4c low traffic] {low_count} trajet.upsert paced at {LOW_TRAFFIC_RATE:.0} msgs/s: \
+         latency p50 {:.1} ms p99 {:.1} ms{}",
+        got.quantile_ms(0.5),
+        got.quantile_ms(0.99),
+        stale_note(&got)
+    );
+    cost_low.print("4c low traffic");
+    let cpu_before = cpu::snapshot(&[]);
+    let (_, plain) = relay_run(
+        &operator_url,
+        world,
+        14,
+        low_count,
+        Some(LOW_TRAFFIC_RATE),
+        sizes.idle,
+    )
+    .await?;
+    span(
+        world,
+        14,
+        Instant::now(),
+        &plain,
+        low_count,
+        "relay at low traffic",
+    )
+    .await?;
+    println!(
+        "[4c low traffic] the plain relay at the same pace: latency p50 {:.1} ms p99 {:.1} ms; \
+         {}",
+        plain.quantile_ms(0.5),
+        plain.quantile_ms(0.99),
+        cpu::PerMessage::between(&cpu_before, &cpu::snapshot(&[]), low_count)
+    );
 
     // 5. Scale.
     let seeding = Instant::now();
