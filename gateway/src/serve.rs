@@ -42,7 +42,19 @@ pub async fn connect_db(config: &Config, give_up: Option<Duration>) -> anyhow::R
 /// small: a connection that began at low traffic planned the batch load anew for every batch,
 /// about 2.2 ms of PostgreSQL CPU for a one-message batch against 0.19 ms with the generic plan
 /// (`pgbench`, bench/HISTORY.md, sixteenth pass).
-const BATCH_SESSION: [(&str, &str); 1] = [("plan_cache_mode", "force_generic_plan")];
+///
+/// A generic plan is made once, often at a connection's first batches on small tables, and kept
+/// until an `ANALYZE` invalidates it. Made on a near-empty `trajet`, the flush's update joined
+/// the batch's trajets by hashing a sequential scan of the whole table, and kept doing so with
+/// ten thousand trajets: about 2 ms of PostgreSQL CPU for a one-message batch in the benchmark's
+/// phase 4c, and most of a 200-message batch's load and flush in phase 3 (seventeenth pass). So
+/// sequential scans are off for these sessions: the planner takes one only where no index can
+/// answer (the one-row `state_epoch`), and every lookup stays an index probe per key whatever
+/// the statistics said when the plan was made.
+const BATCH_SESSION: [(&str, &str); 2] = [
+    ("plan_cache_mode", "force_generic_plan"),
+    ("enable_seqscan", "off"),
+];
 
 /// Session settings of every gateway connection. No JIT: its threshold is a cost estimate, and
 /// on tables nobody has analyzed (autovacuum off, as on this project's CI machine) the estimates

@@ -320,7 +320,8 @@ async fn gateway_sessions_never_jit_and_the_relay_commits_without_waiting_for_th
     // The batch path's sessions: no JIT (on never-analyzed tables the load's cost estimates
     // crossed jit_above_cost and every batch compiled it), commits synchronous (the inbound
     // ack follows the commit), generic plans from the first execution (small batches kept
-    // PostgreSQL planning the load for each one). The relay's: no JIT either, commits not
+    // PostgreSQL planning the load for each one), no sequential scan where an index answers (a
+    // plan made on small tables kept scanning them whole). The relay's: no JIT either, commits not
     // waiting for the WAL flush (a lost delete only re-publishes a row with the same
     // message_id), statements planned with their parameters.
     let env = TestEnv::start().await;
@@ -339,6 +340,7 @@ async fn gateway_sessions_never_jit_and_the_relay_commits_without_waiting_for_th
         setting(workers.clone(), "plan_cache_mode").await,
         "force_generic_plan"
     );
+    assert_eq!(setting(workers.clone(), "enable_seqscan").await, "off");
     let relay = trio_gateway::serve::connect_relay_db(&env.config)
         .await
         .expect("relay pool");

@@ -8,9 +8,10 @@
 //!
 //! These tests drive `process_batch` directly with a context of their own, on a database the
 //! gateway set up (organisations and relations registered through the broker), so they can read
-//! the cache's counts and compose a batch. The last one checks the load's other per-batch
-//! reckoning, the dossier ids it sets aside for a batch that mixes insured with and without a
-//! dossier.
+//! the cache's counts and compose a batch. One checks the load's other per-batch reckoning, the
+//! dossier ids it sets aside for a batch that mixes insured with and without a dossier; the last
+//! two, the plans the batch path's sessions keep (generic from the first batch, and still an
+//! index probe per key once the tables they were made on have grown).
 
 use crate::{GP, OA, World, inbound, trajet, upsert_from_oa, world_without_gateway};
 use serde_json::json;
@@ -314,12 +315,9 @@ async fn a_batch_mixing_insured_with_and_without_a_dossier_has_an_id_for_each_ne
     w.env.finish().await;
 }
 
-#[tokio::test]
-async fn batches_of_one_message_are_never_planned_anew() {
-    // PostgreSQL plans a prepared statement with its parameters for its first five executions,
-    // and for as long after as that plan looks cheaper than the generic one, as it does for a
-    // small batch: the batch path's connections force the generic plan from the start.
-    let (w, _) = world_without_gateway(64).await;
+/// A context whose batches run on a pool of one connection made as the gateway's batch path makes
+/// them (its session settings), so that what they prepared can be read on that connection.
+async fn on_one_batch_connection(w: &World) -> (sqlx::PgPool, Context) {
     let config = trio_gateway::config::Config {
         db_pool_size: 1,
         ..w.env.config.clone()
@@ -332,6 +330,16 @@ async fn batches_of_one_message_are_never_planned_anew() {
         w.env.pseudonymiser.clone(),
         ["guest".to_owned()],
     );
+    (one, ctx)
+}
+
+#[tokio::test]
+async fn batches_of_one_message_are_never_planned_anew() {
+    // PostgreSQL plans a prepared statement with its parameters for its first five executions,
+    // and for as long after as that plan looks cheaper than the generic one, as it does for a
+    // small batch: the batch path's connections force the generic plan from the start.
+    let (w, _) = world_without_gateway(64).await;
+    let (one, ctx) = on_one_batch_connection(&w).await;
     for version in 1..=8 {
         let id = format!("p-{version}");
         let body = trajet(&w.niss, "p", "rtw_ami", "en_cours", version);
@@ -367,6 +375,78 @@ async fn batches_of_one_message_are_never_planned_anew() {
     for (statement, generic, custom) in &plans {
         assert_eq!(*custom, 0, "planned per execution: {statement}");
         assert!(*generic > 0, "never run generically: {statement}");
+    }
+    one.close().await;
+    w.env.finish().await;
+}
+
+#[tokio::test]
+async fn plans_made_on_small_tables_still_read_by_key_once_they_are_large() {
+    // The batch path's generic plans are made at a connection's first batches, often on small
+    // tables, and kept until something invalidates them (an ANALYZE, which autovacuum runs and
+    // this project's CI machine does not). Planned on a near-empty `trajet`, the flush updated
+    // trajets through a hash join over a sequential scan of the whole table: harmless with two
+    // rows, a scan of every trajet per batch once there are thousands.
+    let (w, _) = world_without_gateway(65).await;
+    let (one, ctx) = on_one_batch_connection(&w).await;
+    warm_up(&ctx, &w, "s").await;
+    assert_eq!(
+        apply(
+            &ctx,
+            upsert_from_oa("s-4", &trajet(&w.niss, "s", "rtw_ami", "en_cours", 4))
+        )
+        .await,
+        ("accepted".to_owned(), None)
+    );
+    assert_eq!(ctx.state_cache.narrow_loads(), (1, 0));
+    // Ten thousand dossiers, trajets, history lines and inbox rows, written behind the plans'
+    // back (no ANALYZE, so nothing invalidates them).
+    sqlx::raw_sql(
+        "INSERT INTO dossier (id, number, pseudonym)
+             SELECT 1000000 + g, 'BULK-' || g, 'bulk-' || g FROM generate_series(1, 10000) g;
+         INSERT INTO trajet (owner_kind, owner_id, ref, dossier_id, type, status, version)
+             SELECT 'oa', '300', 'bulk-' || g, 1000000 + g, 'rtw_ami', 'en_cours', 1
+             FROM generate_series(1, 10000) g;
+         INSERT INTO history (dossier_id, actor_kind, actor_id, resource, operation)
+             SELECT 1000000 + g, 'oa', '300', 'trajet', 'create' FROM generate_series(1, 10000) g;
+         INSERT INTO inbox (sender, message_id, type, status)
+             SELECT 'guest', 'bulk-' || g, 'trajet.upsert', 'accepted'
+             FROM generate_series(1, 10000) g;",
+    )
+    .execute(&w.env.db)
+    .await
+    .expect("bulk rows");
+    // Every statement the batches prepared on the pool's one connection, explained with the plan
+    // it keeps (parameters do not change a generic plan; NULL stands for each).
+    let statements: Vec<(String, String, i32)> = sqlx::query_as(
+        "SELECT name, statement, cardinality(parameter_types) FROM pg_prepared_statements \
+         WHERE statement !~ 'pg_prepared_statements'",
+    )
+    .fetch_all(&one)
+    .await
+    .unwrap();
+    assert!(
+        statements.len() >= 4,
+        "the locks, the whole load, the narrow load and the flush were prepared: {statements:?}"
+    );
+    for (name, statement, parameters) in &statements {
+        let nulls = vec!["NULL"; usize::try_from(*parameters).unwrap()].join(", ");
+        let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name}({nulls})"))
+            .fetch_all(&one)
+            .await
+            .unwrap();
+        if std::env::var_os("SHOW_PLANS").is_some() {
+            eprintln!("{}\n{statement}\n", plan.join("\n"));
+        }
+        let scans: Vec<&String> = plan
+            .iter()
+            .filter(|line| line.contains("Seq Scan on") && !line.contains("state_epoch"))
+            .collect();
+        assert!(
+            scans.is_empty(),
+            "a batch statement scans a whole table: {scans:?}\n{}\n{statement}",
+            plan.join("\n")
+        );
     }
     one.close().await;
     w.env.finish().await;
