@@ -425,19 +425,22 @@ async fn plans_made_on_small_tables_still_read_by_key_once_they_are_large() {
     .fetch_all(&one)
     .await
     .unwrap();
-    assert!(
-        statements.len() >= 4,
-        "the locks, the whole load, the narrow load and the flush were prepared: {statements:?}"
-    );
+    for (what, part) in [
+        ("the whole load", "WITH RECURSIVE epoch"),
+        ("the narrow load", "WITH org AS"),
+        ("the flush", "INSERT INTO inbox"),
+    ] {
+        assert!(
+            statements.iter().any(|(_, s, _)| s.contains(part)),
+            "{what} was not prepared on the connection: {statements:?}"
+        );
+    }
     for (name, statement, parameters) in &statements {
         let nulls = vec!["NULL"; usize::try_from(*parameters).unwrap()].join(", ");
         let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name}({nulls})"))
             .fetch_all(&one)
             .await
             .unwrap();
-        if std::env::var_os("SHOW_PLANS").is_some() {
-            eprintln!("{}\n{statement}\n", plan.join("\n"));
-        }
         let scans: Vec<&String> = plan
             .iter()
             .filter(|line| line.contains("Seq Scan on") && !line.contains("state_epoch"))
