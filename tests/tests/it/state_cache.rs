@@ -399,6 +399,20 @@ async fn plans_made_on_small_tables_still_read_by_key_once_they_are_large() {
         ("accepted".to_owned(), None)
     );
     assert_eq!(ctx.state_cache.narrow_loads(), (1, 0));
+    // A relation refreshed, so that the relations' writes are prepared too.
+    let refresh = json!({"relation": {"kind": "insured_gp", "niss": w.niss, "gp": GP}});
+    let refreshed = apply(
+        &ctx,
+        inbound(
+            SourceQueue::Reference,
+            "guest",
+            MessageType::RelationSet,
+            "s-r",
+            &refresh,
+        ),
+    )
+    .await;
+    assert_eq!(refreshed, ("accepted".to_owned(), None));
     // Ten thousand dossiers, trajets, history lines and inbox rows, written behind the plans'
     // back (no ANALYZE, so nothing invalidates them).
     sqlx::raw_sql(
