@@ -17,7 +17,10 @@
 //! ten thousand rows, which the benchmark showed to be most of the database's CPU; `OFFSET 0`
 //! keeps the subquery from being flattened back into a join the planner could do the same with.
 //! The plan is then the same for every batch, so the generic plan PostgreSQL caches for a
-//! prepared statement is the right one and no batch pays for planning.
+//! prepared statement is the right one and no batch pays for planning. Writes by key cannot be
+//! written so (an `UPDATE … FROM` joins its target): the batch path's sessions turn sequential
+//! scans off (`BATCH_SESSION` in `trio_gateway::serve`), or a plan cached on a near-empty table
+//! kept joining by a scan of the whole table once it had grown.
 
 use crate::messages::HandlerBug;
 use crate::outbound::{self, OutboundMessage};

@@ -315,6 +315,23 @@ async fn a_batch_mixing_insured_with_and_without_a_dossier_has_an_id_for_each_ne
     w.env.finish().await;
 }
 
+/// The statements every `trajet.upsert` batch prepares, by what each one's text holds.
+const BATCH_STATEMENTS: [(&str, &str); 3] = [
+    ("the whole load", "WITH RECURSIVE epoch"),
+    ("the narrow load", "WITH org AS"),
+    ("the flush", "INSERT INTO inbox"),
+];
+
+/// Fails unless each of `expected` (a name, and a part of its text) is among `prepared`.
+fn assert_prepared(prepared: &[&str], expected: &[(&str, &str)]) {
+    for (name, part) in expected {
+        assert!(
+            prepared.iter().any(|statement| statement.contains(part)),
+            "{name} was not prepared on the connection: {prepared:?}"
+        );
+    }
+}
+
 /// A context whose batches run on a pool of one connection made as the gateway's batch path makes
 /// them (its session settings), so that what they prepared can be read on that connection.
 async fn on_one_batch_connection(w: &World) -> (sqlx::PgPool, Context) {
@@ -360,18 +377,8 @@ async fn batches_of_one_message_are_never_planned_anew() {
     .fetch_all(&one)
     .await
     .unwrap();
-    for (name, part) in [
-        ("the whole load", "WITH RECURSIVE epoch"),
-        ("the narrow load", "WITH org AS"),
-        ("the flush", "INSERT INTO inbox"),
-    ] {
-        assert!(
-            plans
-                .iter()
-                .any(|(statement, _, _)| statement.contains(part)),
-            "{name} was not prepared on the connection: {plans:?}"
-        );
-    }
+    let texts: Vec<&str> = plans.iter().map(|(s, _, _)| s.as_str()).collect();
+    assert_prepared(&texts, &BATCH_STATEMENTS);
     for (statement, generic, custom) in &plans {
         assert_eq!(*custom, 0, "planned per execution: {statement}");
         assert!(*generic > 0, "never run generically: {statement}");
@@ -399,7 +406,7 @@ async fn plans_made_on_small_tables_still_read_by_key_once_they_are_large() {
         ("accepted".to_owned(), None)
     );
     assert_eq!(ctx.state_cache.narrow_loads(), (1, 0));
-    // A relation refreshed, so that the relations' writes are prepared too.
+    // A relation refreshed, so that the relations' and dossiers' writes are prepared too.
     let refresh = json!({"relation": {"kind": "insured_gp", "niss": w.niss, "gp": GP}});
     let refreshed = apply(
         &ctx,
@@ -439,16 +446,12 @@ async fn plans_made_on_small_tables_still_read_by_key_once_they_are_large() {
     .fetch_all(&one)
     .await
     .unwrap();
-    for (what, part) in [
-        ("the whole load", "WITH RECURSIVE epoch"),
-        ("the narrow load", "WITH org AS"),
-        ("the flush", "INSERT INTO inbox"),
-    ] {
-        assert!(
-            statements.iter().any(|(_, s, _)| s.contains(part)),
-            "{what} was not prepared on the connection: {statements:?}"
-        );
-    }
+    let texts: Vec<&str> = statements.iter().map(|(_, s, _)| s.as_str()).collect();
+    assert_prepared(&texts, &BATCH_STATEMENTS);
+    assert_prepared(
+        &texts,
+        &[("the relations' write", "INSERT INTO insured_relation")],
+    );
     for (name, statement, parameters) in &statements {
         let nulls = vec!["NULL"; usize::try_from(*parameters).unwrap()].join(", ");
         let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name}({nulls})"))
