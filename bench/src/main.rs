@@ -9,6 +9,7 @@
 //! `--half-load-seconds S` the length of the half-load phase.
 
 mod amqp;
+mod broker_log;
 mod cpu;
 mod db_path;
 mod gateway;

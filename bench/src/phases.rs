@@ -10,7 +10,9 @@
 //! 4. latency at half the throughput of 3, paced; 4b, the database path alone at batches of
 //!    20 and of the gateway's size; 4c, low traffic (100 msgs/s: batches of a message or two),
 //!    latency and CPU per message, against the plain relay at the same pace;
-//! 5. scale: 3 again with a million cold insured in the database;
+//! 5. scale: 3 again with a million cold insured in the database; then the relay ceiling again,
+//!    so that the comparison with 3 can also be read against the relay next to each (5r), and
+//!    the database path alone again, against 4b (5b);
 //! 6. backlog: messages queued before `serve` starts; peak RSS and drain rate;
 //! 7. two `serve` processes; throughput, and every trajet at its highest version.
 //!
@@ -18,6 +20,7 @@
 //! so it yields exactly one outbound `trajet.updated` (to the GP), received on a quorum queue.
 
 use crate::amqp::{self, Message, Publisher, Received, Sink};
+use crate::broker_log;
 use crate::cpu;
 use crate::db_path;
 use crate::gateway::{self, Gateway};
@@ -672,7 +675,8 @@ async fn phases(
     let half_count = ((half_rate * sizes.half_load_seconds) as u64).max(200);
     let logged_before = log_marks(world);
     let meter = Meter::start(world, gateways).await;
-    let (_, got) = traffic.run(4, half_count, Some(half_rate)).await?;
+    let (run, rolled) = broker_log::during(traffic.run(4, half_count, Some(half_rate))).await;
+    let (_, got) = run?;
     let cost_half = meter.per_message(world, gateways, half_count).await;
     span(world, 4, Instant::now(), &got, half_count, "half load").await?;
     let p99_half = got.quantile_ms(0.99);
@@ -683,7 +687,11 @@ async fn phases(
         stale_note(&got)
     );
     cost_half.print("4 half load");
-    println!("[4 half load] {}", got.seconds_over(50.0));
+    println!(
+        "[4 half load] {}; {}",
+        got.seconds_over(50.0),
+        broker_log::describe(rolled.as_deref(), got.first)
+    );
     let warnings = warnings_since(world, &logged_before);
     println!(
         "[4 half load] gateway warnings meanwhile: {}",
@@ -695,15 +703,16 @@ async fn phases(
     // The broker's share of that latency: the plain relay at the same pace.
     let wal_before = wal::snapshot(&world.db).await;
     let cpu_before = cpu::snapshot(&[]);
-    let (_, plain) = relay_run(
+    let (run, rolled) = broker_log::during(relay_run(
         &operator_url,
         world,
         8,
         half_count,
         Some(half_rate),
         sizes.idle,
-    )
-    .await?;
+    ))
+    .await;
+    let (_, plain) = run?;
     span(
         world,
         8,
@@ -718,26 +727,18 @@ async fn phases(
         wal::PerMessage::between(&wal_before, &wal::snapshot(&world.db).await, half_count);
     println!(
         "[4 half load] the plain relay at the same pace: latency p50 {:.1} ms p99 {:.1} ms \
-         (checkpoints begun meanwhile: {}); {}",
+         (checkpoints begun meanwhile: {}); {}; {}",
         plain.quantile_ms(0.5),
         plain.quantile_ms(0.99),
         wal_plain.checkpoints(),
-        plain.seconds_over(50.0)
+        plain.seconds_over(50.0),
+        broker_log::describe(rolled.as_deref(), plain.first)
     );
     println!("[4 half load] the plain relay at the same pace: {cpu_plain}");
 
     // 4b. The database path alone, over the first few hundred insured (the bench's own
     // pseudonymiser meets them once, in its warm-up).
-    let batch_size = gateway_batch_size()?;
-    let insured = (2 * batch_size as u64).min(sizes.hot as u64);
-    db_path::run(
-        world,
-        &world.users[1].0,
-        (DB_PATH_SMALL_BATCH, batch_size),
-        usize::try_from((sizes.one_to_one / 10).max(10_000)).unwrap_or(usize::MAX),
-        |k| traffic.hot.upsert(40, k % insured).body,
-    )
-    .await?;
+    let small_tables = database_path("4b database path", 40, world, traffic.hot, sizes).await?;
 
     // 4c. Low traffic: a message at a time, so each batch pays its fixed costs alone (its
     // round trips, its statements' plans) — what half load and 1:1 share over many messages.
@@ -817,6 +818,54 @@ async fn phases(
     );
     cost_scaled.print("5 scale");
 
+    // 5r. The plain relay again, right after, so that the scale comparison can also be read
+    // against the machine's speed at each phase: phase 5 comes minutes after phase 3, and on
+    // this VM the broker's own CPU per message moved by up to a third between them (run BG),
+    // although it does not depend on the number of insured. Each phase's cost per message is
+    // divided by the plain relay's next to it (phase 3's: the mean of 1 and 3r, as `ratio`).
+    let (relay_scaled, cpu_relay_scaled) =
+        relay_ceiling(&operator_url, world, 15, sizes, "relay after scale").await?;
+    println!(
+        "[5r relay again] {} × 1 KiB as in 1: {relay_scaled:.0} msgs/s (3r: {relay_after:.0}); \
+         against the plain relay next to each, cost per message at {known} insured {:+.1} % vs \
+         {} insured (gateway {:.2}× the relay in phase 5, {:.2}× in phase 3)",
+        sizes.relay,
+        relative_to_relay(one.per_second(), relay, scaled.per_second(), relay_scaled),
+        sizes.hot,
+        scaled.per_second() / relay_scaled,
+        gateway_rate / relay,
+    );
+    println!("[5r relay again] {cpu_relay_scaled} (bench: the relays, publisher and sink)");
+
+    // 5b. The database path alone again, as 4b over the same insured, now with a million more
+    // known: what the larger tables cost PostgreSQL, read without the broker. The batch code's
+    // own change beside it (the bench process, whose work the tables' size does not reach)
+    // gauges the machine's drift between the two: as large as PostgreSQL's in runs BJ and BM.
+    let large_tables =
+        database_path("5b database path at scale", 41, world, traffic.hot, sizes).await?;
+    println!(
+        "[5b database path at scale] against 4b, with {known} insured known instead of {hot}: \
+         PostgreSQL CPU per message in batches of {batch} {growth:+.1} % ({large:.0} µs against \
+         {small:.0}); per batch {:.2} ms against {:.2}, per message {:.0} µs against {:.0}; the \
+         batch code, which the tables' size does not reach, {code:+.1} % (a gauge of the drift)",
+        large_tables.fixed_us / 1e3,
+        small_tables.fixed_us / 1e3,
+        large_tables.per_message_us,
+        small_tables.per_message_us,
+        hot = sizes.hot,
+        batch = large_tables.large_batch,
+        growth = (large_tables.large_batch_per_message_us
+            / small_tables.large_batch_per_message_us
+            - 1.0)
+            * 100.0,
+        large = large_tables.large_batch_per_message_us,
+        small = small_tables.large_batch_per_message_us,
+        code = (large_tables.large_batch_code_per_message_us
+            / small_tables.large_batch_code_per_message_us
+            - 1.0)
+            * 100.0,
+    );
+
     // 6. Backlog.
     for g in gateways.drain(..) {
         gateway::stop(g).await?;
@@ -882,6 +931,36 @@ async fn phases(
          rss_mb={rss_mb:.0}",
         gateway_rate / relay
     ))
+}
+
+/// Phases 4b and 5b: the database path alone ([`db_path::run`]), labelled `label`, over the first
+/// few hundred hot insured, their messages numbered as phase `phase`'s.
+async fn database_path(
+    label: &str,
+    phase: u8,
+    world: &World,
+    hot: &mut Hot,
+    sizes: &Sizes,
+) -> anyhow::Result<db_path::Fit> {
+    let batch_size = gateway_batch_size()?;
+    let insured = (2 * batch_size as u64).min(sizes.hot as u64);
+    db_path::run(
+        label,
+        world,
+        &world.users[1].0,
+        (DB_PATH_SMALL_BATCH, batch_size),
+        usize::try_from((sizes.one_to_one / 10).max(10_000)).unwrap_or(usize::MAX),
+        |k| hot.upsert(phase, k % insured).body,
+    )
+    .await
+}
+
+/// How much more a message costs the gateway at `after` than at `before` (in %), each cost per
+/// message taken as a multiple of the plain relay's measured next to it: the gateway's rate over
+/// the relay's is the inverse of that multiple.
+fn relative_to_relay(before: f64, relay_before: f64, after: f64, relay_after: f64) -> f64 {
+    let multiple = |gateway: f64, relay: f64| relay / gateway.max(1e-9);
+    (multiple(after, relay_after) / multiple(before, relay_before) - 1.0) * 100.0
 }
 
 /// The gateway's batch size (its default, or `TRIO_BATCH_SIZE` set for the bench). The plain
@@ -964,5 +1043,20 @@ fn reference(message_type: &'static str, k: u64, body: &serde_json::Value) -> Me
         message_type: Some(message_type),
         message_id: format!("ref-{k}"),
         body: body.to_string().into_bytes(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relative_to_relay;
+
+    #[test]
+    fn scale_against_the_relay_cancels_a_machine_slowed_alike() {
+        // Both the gateway and the relay a quarter slower: the gateway's cost did not move.
+        assert!(relative_to_relay(10_000.0, 12_000.0, 7_500.0, 9_000.0).abs() < 1e-9);
+        // The gateway half as fast with the relay unchanged: twice the cost.
+        assert!((relative_to_relay(10_000.0, 12_000.0, 5_000.0, 12_000.0) - 100.0).abs() < 1e-9);
+        // The gateway unchanged while the relay got faster: the gateway's cost rose against it.
+        assert!((relative_to_relay(10_000.0, 12_000.0, 10_000.0, 13_200.0) - 10.0).abs() < 1e-9);
     }
 }

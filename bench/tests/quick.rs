@@ -45,41 +45,64 @@ fn quick_benchmark_runs_every_phase_and_prints_the_summary() {
         "{one_to_one}"
     );
     // The half load says, for the gateway and for the plain relay at the same pace, how its
-    // tail spread over the phase's seconds.
+    // tail spread over the phase's seconds, and whether the broker's log rolled over meanwhile.
     let spreads = stdout
         .lines()
-        .filter(|l| l.starts_with("[4 half load]") && l.contains("seconds had a latency over"))
+        .filter(|l| {
+            l.starts_with("[4 half load]")
+                && l.contains("seconds had a latency over")
+                && l.contains("the broker's quorum-queue log")
+        })
         .count();
     assert_eq!(spreads, 2, "the half load's tail spreads:\n{stdout}");
-    // The database path alone: a line per batch size with its time per batch, and the fixed
-    // and per-message costs they imply.
-    let sizes: Vec<f64> = stdout
-        .lines()
-        .filter(|l| l.starts_with("[4b database path] batches of"))
-        .map(|l| number_between(l, "batches of ", ":").unwrap_or(0.0))
-        .collect();
-    assert_eq!(
-        sizes,
-        [20.0, 200.0],
-        "the database path's batches:\n{stdout}"
-    );
-    for l in stdout
-        .lines()
-        .filter(|l| l.starts_with("[4b database path] batches of"))
-    {
-        let ms: f64 = l
-            .split(" ms each")
-            .next()
-            .and_then(|head| head.rsplit(' ').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0.0);
-        assert!(ms > 0.0, "{l}");
-    }
-    assert!(
-        stdout
+    // The database path alone, with 10 000 insured known (4b) and a million more (5b): a line
+    // per batch size with its time per batch, and the fixed and per-message costs they imply.
+    let mut per_message_at_200 = Vec::new();
+    for phase in ["[4b database path]", "[5b database path at scale]"] {
+        let lines: Vec<&str> = stdout
             .lines()
-            .any(|l| l.starts_with("[4b database path] so a batch costs PostgreSQL")),
-        "no fixed and per-message cost of the database path:\n{stdout}"
+            .filter(|l| l.starts_with(&format!("{phase} batches of")))
+            .collect();
+        let sizes: Vec<f64> = lines
+            .iter()
+            .map(|l| number_between(l, "batches of ", ":").unwrap_or(0.0))
+            .collect();
+        assert_eq!(sizes, [20.0, 200.0], "{phase}'s batches:\n{stdout}");
+        for l in &lines {
+            let ms: f64 = l
+                .split(" ms each")
+                .next()
+                .and_then(|head| head.rsplit(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0.0);
+            assert!(ms > 0.0, "{l}");
+        }
+        per_message_at_200.push(
+            lines[1]
+                .split_once("PostgreSQL ")
+                .and_then(|(_, rest)| rest.split_once(" per message"))
+                .and_then(|(head, _)| head.rsplit_once('('))
+                .and_then(|(_, n)| n.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no PostgreSQL per message in {:?}", lines[1])),
+        );
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("{phase} so a batch costs PostgreSQL"))),
+            "no fixed and per-message cost of {phase}:\n{stdout}"
+        );
+    }
+    // 5b says how much more a message cost PostgreSQL than in 4b, at 1:1's batch size.
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("[5b database path at scale] against 4b"))
+        .unwrap_or_else(|| panic!("no comparison of 5b with 4b:\n{stdout}"));
+    let printed = number_between(line, "batches of 200 ", " % (")
+        .unwrap_or_else(|| panic!("no percentage in {line:?}"));
+    let expected = (per_message_at_200[1] / per_message_at_200[0] - 1.0) * 100.0;
+    assert!(
+        (printed - expected).abs() <= 1.0,
+        "{line:?} says {printed} %, the lines of 4b and 5b give {expected:.1} %"
     );
     let last = stdout.lines().last().unwrap_or_default();
     let fields: Vec<(&str, f64)> = last
@@ -126,6 +149,24 @@ fn quick_benchmark_runs_every_phase_and_prints_the_summary() {
     assert!(
         (ratio - gateway / relay).abs() <= 0.01,
         "ratio={ratio} is not {gateway} ÷ {relay}"
+    );
+    // Phase 5r reads the scale phase against the plain relay run right after it: the gateway's
+    // cost per message as a multiple of the relay's, phase 5's over phase 3's.
+    let scaled = rate_of("[5 scale] ", "insured known: ");
+    let relay_scaled = rate_of("[5r relay again]", "as in 1: ");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("[5r relay again]") && l.contains(" % vs "))
+        .unwrap_or_else(|| panic!("no [5r relay again] comparison:\n{stdout}"));
+    let printed: f64 = line
+        .split_once(" % vs ")
+        .and_then(|(head, _)| head.rsplit_once(' '))
+        .and_then(|(_, number)| number.parse().ok())
+        .unwrap_or_else(|| panic!("no percentage in {line:?}"));
+    let expected = ((relay_scaled / scaled) / (relay / gateway) - 1.0) * 100.0;
+    assert!(
+        (printed - expected).abs() <= 0.2,
+        "{line:?} says {printed} %, the rates printed give {expected:.2} %"
     );
 }
 
