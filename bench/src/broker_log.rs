@@ -1,10 +1,11 @@
 //! RabbitMQ's quorum-queue write-ahead log, watched from its files. Every quorum queue of a node
 //! writes to one Ra WAL file; past `raft.wal_max_size_bytes` (512 MiB by default) the node starts
 //! a new file and writes the old one's entries out to each queue's segments. On this machine a
-//! half-load phase's worst second lined up with such a roll-over (run BJ: a new file at 0.8 s
-//! into second 2, the worst second, 304 ms; run BK, none during the phase, p99 27 ms), so the
-//! half-load phases say when one happened. The bench reads the files only when it runs on the
-//! broker's machine with access to its data directory; elsewhere it says so.
+//! half-load phase's worst second lined up with such a roll-over (run BJ: a new file about 1.5 s
+//! into the phase, whose worst second, its second 2, had a 304 ms latency; run BK: none during
+//! the phase, p99 27 ms), so the half-load phases say when one happened. The bench reads the
+//! files only when it runs on the broker's machine with access to its data directory; elsewhere
+//! it says so.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
