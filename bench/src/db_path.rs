@@ -3,7 +3,7 @@
 //! settings), no broker, in batches of half load's size and of 1:1's. Through the broker a change
 //! worth a few µs per message drowns in this VM's drift; here the fixed cost of a batch and the
 //! cost of a message in PostgreSQL come out of two straight lines, with 10 000 insured known
-//! (4b) and with a million more (5b).
+//! (4b) and with a million more (5b; in full runs).
 
 use crate::cpu;
 use crate::setup::World;

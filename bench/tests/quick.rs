@@ -55,8 +55,8 @@ fn quick_benchmark_runs_every_phase_and_prints_the_summary() {
         })
         .count();
     assert_eq!(spreads, 2, "the half load's tail spreads:\n{stdout}");
-    // The database path alone, with 10 000 insured known (4b) and a million more (5b): a line
-    // per batch size with its time per batch, and the fixed and per-message costs they imply.
+    // The database path alone, with the hot insured known (4b) and the cold ones added (5b): a
+    // line per batch size with its time per batch, and the fixed and per-message costs they imply.
     let mut per_message_at_200 = Vec::new();
     for phase in ["[4b database path]", "[5b database path at scale]"] {
         let lines: Vec<&str> = stdout
