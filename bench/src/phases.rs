@@ -702,39 +702,28 @@ async fn phases(
     }
     // The broker's share of that latency: the plain relay at the same pace.
     let wal_before = wal::snapshot(&world.db).await;
-    let cpu_before = cpu::snapshot(&[]);
-    let (run, rolled) = broker_log::during(relay_run(
+    let plain = relay_measured(
         &operator_url,
         world,
-        8,
-        half_count,
-        Some(half_rate),
-        sizes.idle,
-    ))
-    .await;
-    let (_, plain) = run?;
-    span(
-        world,
-        8,
-        Instant::now(),
-        &plain,
-        half_count,
+        (8, half_count, Some(half_rate), sizes.idle),
         "relay at half load",
     )
     .await?;
-    let cpu_plain = cpu::PerMessage::between(&cpu_before, &cpu::snapshot(&[]), half_count);
     let wal_plain =
         wal::PerMessage::between(&wal_before, &wal::snapshot(&world.db).await, half_count);
     println!(
         "[4 half load] the plain relay at the same pace: latency p50 {:.1} ms p99 {:.1} ms \
          (checkpoints begun meanwhile: {}); {}; {}",
-        plain.quantile_ms(0.5),
-        plain.quantile_ms(0.99),
+        plain.got.quantile_ms(0.5),
+        plain.got.quantile_ms(0.99),
         wal_plain.checkpoints(),
-        plain.seconds_over(50.0),
-        broker_log::describe(rolled.as_deref(), plain.first)
+        plain.got.seconds_over(50.0),
+        broker_log::describe(plain.rolled.as_deref(), plain.got.first)
     );
-    println!("[4 half load] the plain relay at the same pace: {cpu_plain}");
+    println!(
+        "[4 half load] the plain relay at the same pace: {}",
+        plain.cpu
+    );
 
     // 4b. The database path alone, over the first few hundred insured (the bench's own
     // pseudonymiser meets them once, in its warm-up).
@@ -760,31 +749,19 @@ async fn phases(
         stale_note(&got)
     );
     cost_low.print("4c low traffic");
-    let cpu_before = cpu::snapshot(&[]);
-    let (_, plain) = relay_run(
+    let plain = relay_measured(
         &operator_url,
         world,
-        14,
-        low_count,
-        Some(LOW_TRAFFIC_RATE),
-        sizes.idle,
-    )
-    .await?;
-    span(
-        world,
-        14,
-        Instant::now(),
-        &plain,
-        low_count,
+        (14, low_count, Some(LOW_TRAFFIC_RATE), sizes.idle),
         "relay at low traffic",
     )
     .await?;
     println!(
         "[4c low traffic] the plain relay at the same pace: latency p50 {:.1} ms p99 {:.1} ms; \
          {}",
-        plain.quantile_ms(0.5),
-        plain.quantile_ms(0.99),
-        cpu::PerMessage::between(&cpu_before, &cpu::snapshot(&[]), low_count)
+        plain.got.quantile_ms(0.5),
+        plain.got.quantile_ms(0.99),
+        plain.cpu
     );
 
     // 5. Scale.
@@ -980,11 +957,41 @@ async fn relay_ceiling(
     sizes: &Sizes,
     what: &str,
 ) -> anyhow::Result<(f64, cpu::PerMessage)> {
+    let run = relay_measured(url, world, (phase, sizes.relay, None, sizes.idle), what).await?;
+    Ok((run.rate.per_second(), run.cpu))
+}
+
+/// One measured run of the plain relay.
+struct RelayRun {
+    /// From first publish to last arrival.
+    rate: Rate,
+    /// What arrived, with its latencies.
+    got: Received,
+    /// CPU per message meanwhile (the relays, publisher and sink count as the bench's).
+    cpu: cpu::PerMessage,
+    /// When the broker's log rolled over meanwhile (`None`: not readable here).
+    rolled: Option<Vec<Instant>>,
+}
+
+/// [`relay_run`] with what it cost: its rate, CPU per message and the broker log's roll-overs;
+/// fails, naming it `what`, when messages are missing.
+async fn relay_measured(
+    url: &str,
+    world: &World,
+    (phase, count, rate, idle): (u8, u64, Option<f64>, Duration),
+    what: &str,
+) -> anyhow::Result<RelayRun> {
     let cpu_before = cpu::snapshot(&[]);
-    let (first, got) = relay_run(url, world, phase, sizes.relay, None, sizes.idle).await?;
-    let cpu = cpu::PerMessage::between(&cpu_before, &cpu::snapshot(&[]), sizes.relay);
-    let rate = span(world, phase, first, &got, sizes.relay, what).await?;
-    Ok((rate.per_second(), cpu))
+    let (run, rolled) = broker_log::during(relay_run(url, world, phase, count, rate, idle)).await;
+    let (first, got) = run?;
+    let cpu = cpu::PerMessage::between(&cpu_before, &cpu::snapshot(&[]), count);
+    let rate = span(world, phase, first, &got, count, what).await?;
+    Ok(RelayRun {
+        rate,
+        got,
+        cpu,
+        rolled,
+    })
 }
 
 /// Runs the plain relay (4 relays, batches of [`gateway_batch_size`]) on `count` 1 KiB messages
