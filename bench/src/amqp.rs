@@ -182,6 +182,12 @@ impl Publisher {
     /// `traceparent`, keeping up to [`WINDOW`] unconfirmed; paced at `rate` msgs/s when given.
     /// Returns the instant of the first publish.
     ///
+    /// The messages due together (every one whose instant has come, paced; up to [`GROUP`]
+    /// otherwise) are published together, as the gateway's relays do: each `basic_publish`
+    /// hands its frames to lapin's I/O thread and waits until they are written, and awaited one
+    /// by one that cost two thread switches per message, some 25 µs of the bench's CPU per
+    /// message at half load on the machine the gateway shares.
+    ///
     /// # Errors
     /// Broker failures, or a message the broker refused or could not route.
     pub async fn publish(
@@ -192,49 +198,82 @@ impl Publisher {
         mut make: impl FnMut(u64) -> Message,
     ) -> anyhow::Result<Instant> {
         let start = Instant::now();
-        let mut pending: VecDeque<PublisherConfirm> = VecDeque::with_capacity(WINDOW + 1);
+        let mut pending: VecDeque<PublisherConfirm> = VecDeque::with_capacity(WINDOW + GROUP);
         let options = BasicPublishOptions {
             mandatory: true,
             ..Default::default()
         };
-        for k in 0..count {
-            if let Some(rate) = rate {
-                let due = start + Duration::from_secs_f64(k as f64 / rate);
-                tokio::time::sleep_until(due.into()).await;
-            }
-            let m = make(k);
-            let mut headers = FieldTable::default();
-            headers.insert(
-                ShortString::from("traceparent"),
-                AMQPValue::LongString(LongString::from(traceparent(phase, now_ns()))),
-            );
-            let mut props = BasicProperties::default()
-                .with_message_id(ShortString::from(m.message_id))
-                .with_user_id(ShortString::from(self.user.clone()))
-                .with_delivery_mode(2)
-                .with_headers(headers);
-            if let Some(t) = m.message_type {
-                props = props
-                    .with_type(ShortString::from(t))
-                    .with_content_type(ShortString::from("application/json"));
-            }
-            let confirm = self
-                .channel
-                .basic_publish(m.exchange, &m.routing_key, options, &m.body, props)
+        let mut k = 0;
+        while k < count {
+            let end = match rate {
+                Some(rate) => {
+                    let due = start + Duration::from_secs_f64(k as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                    due_by(start.elapsed(), rate).clamp(k + 1, count.min(k + GROUP as u64))
+                }
+                None => count.min(k + GROUP as u64),
+            };
+            let group: Vec<(Message, BasicProperties)> = (k..end)
+                .map(|i| {
+                    let m = make(i);
+                    let props = self.properties(phase, &m);
+                    (m, props)
+                })
+                .collect();
+            let publishes = group.iter().map(|(m, props)| {
+                self.channel.basic_publish(
+                    m.exchange,
+                    &m.routing_key,
+                    options,
+                    &m.body,
+                    props.clone(),
+                )
+            });
+            let confirms = futures::future::try_join_all(publishes)
                 .await
                 .context("publishing")?;
-            pending.push_back(confirm);
+            pending.extend(confirms);
             while pending.len() > WINDOW {
                 if let Some(c) = pending.pop_front() {
                     check(c.await?)?;
                 }
             }
+            k = end;
         }
         for c in pending {
             check(c.await?)?;
         }
         Ok(start)
     }
+
+    /// A message's properties: persistent, `user_id`, its phase's `traceparent` stamped now.
+    fn properties(&self, phase: u8, m: &Message) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("traceparent"),
+            AMQPValue::LongString(LongString::from(traceparent(phase, now_ns()))),
+        );
+        let mut props = BasicProperties::default()
+            .with_message_id(ShortString::from(m.message_id.clone()))
+            .with_user_id(ShortString::from(self.user.clone()))
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        if let Some(t) = m.message_type {
+            props = props
+                .with_type(ShortString::from(t))
+                .with_content_type(ShortString::from("application/json"));
+        }
+        props
+    }
+}
+
+/// Messages published together at most.
+const GROUP: usize = 100;
+
+/// How many messages of a paced publisher are due `elapsed` after its first: message `k` is
+/// due at `k / rate` seconds, so every `k` up to `elapsed × rate`, inclusive.
+fn due_by(elapsed: Duration, rate: f64) -> u64 {
+    (elapsed.as_secs_f64() * rate).floor() as u64 + 1
 }
 
 fn check(confirmation: Confirmation) -> anyhow::Result<()> {
@@ -500,6 +539,16 @@ pub async fn spawn_relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_paced_publisher_has_due_every_message_whose_instant_has_come() {
+        // Message k is due k / rate seconds after the first, which is due at once.
+        assert_eq!(due_by(Duration::ZERO, 4000.0), 1);
+        assert_eq!(due_by(Duration::from_micros(249), 4000.0), 1);
+        assert_eq!(due_by(Duration::from_micros(250), 4000.0), 2);
+        assert_eq!(due_by(Duration::from_millis(1), 4000.0), 5);
+        assert_eq!(due_by(Duration::from_secs(2), 100.0), 201);
+    }
 
     #[test]
     fn traceparent_round_trips() {
