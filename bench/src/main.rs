@@ -59,7 +59,8 @@ fn main() -> ExitCode {
                      (local defaults).\n\n--quick                small counts (a smoke check)\n--messages N           \
                      trajet.upsert count of the 1:1, scale and two-process phases (e.g. a longer \
                      1:1 phase to profile)\n--half-load-seconds S  length of the half-load \
-                     phase in seconds (20; 2 with --quick, too short to say much about its tail)"
+                     phase in seconds (60, about one cycle of the broker's log; 2 with --quick, \
+                     too short to say much about its tail)"
                 );
                 return ExitCode::SUCCESS;
             }
