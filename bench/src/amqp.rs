@@ -305,9 +305,20 @@ pub struct Received {
 
 impl Received {
     /// How the latencies over `limit_ms` spread over the phase: `"3 of 20 seconds had a
-    /// latency over 50 ms (worst 380.2 ms, in second 12)"`.
+    /// latency over 50 ms, 0.42 % of the messages (worst 380.2 ms, in second 12)"`. The share
+    /// says how far p99 is from the limit: it is over the limit exactly when the share is over
+    /// one per cent.
     pub fn seconds_over(&self, limit_ms: f64) -> String {
         let limit_us = limit_ms * 1000.0;
+        // Sorted by [`Sink::collect`].
+        let within = self
+            .latencies_us
+            .partition_point(|&us| f64::from(us) <= limit_us);
+        let share = if self.latencies_us.is_empty() {
+            0.0
+        } else {
+            100.0 * (self.latencies_us.len() - within) as f64 / self.latencies_us.len() as f64
+        };
         let over = self
             .worst_per_second_us
             .iter()
@@ -320,8 +331,8 @@ impl Received {
             .max_by_key(|&(_, us)| *us)
             .map_or((0, 0), |(s, us)| (s, *us));
         format!(
-            "{over} of {} seconds had a latency over {limit_ms:.0} ms (worst {:.1} ms, in second \
-             {worst_second})",
+            "{over} of {} seconds had a latency over {limit_ms:.0} ms, {share:.2} % of the \
+             messages (worst {:.1} ms, in second {worst_second})",
             self.worst_per_second_us.len(),
             f64::from(worst_us) / 1000.0
         )
@@ -559,17 +570,22 @@ mod tests {
 
     #[test]
     fn the_spread_counts_the_seconds_over_the_limit_and_names_the_worst() {
+        let mut latencies_us = vec![9_000; 396];
+        latencies_us.extend([50_000, 60_000, 70_000, 180_000]);
         let got = Received {
             worst_per_second_us: vec![10_000, 60_000, 180_000, 50_000],
+            latencies_us,
             ..Received::default()
         };
         assert_eq!(
             got.seconds_over(50.0),
-            "2 of 4 seconds had a latency over 50 ms (worst 180.0 ms, in second 2)"
+            "2 of 4 seconds had a latency over 50 ms, 0.75 % of the messages (worst 180.0 ms, \
+             in second 2)"
         );
         assert_eq!(
             Received::default().seconds_over(50.0),
-            "0 of 0 seconds had a latency over 50 ms (worst 0.0 ms, in second 0)"
+            "0 of 0 seconds had a latency over 50 ms, 0.00 % of the messages (worst 0.0 ms, in \
+             second 0)"
         );
     }
 }

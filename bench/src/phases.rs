@@ -41,7 +41,10 @@ const LOW_TRAFFIC_RATE: f64 = 100.0;
 /// nineteenth pass, met one in about a third of the runs, and then the messages that waited out
 /// the stall were over one per cent of the phase's, so p99 was the stall's whatever the rest did:
 /// it read whether the dice had put a roll-over in the window. Over a cycle the roll-over weighs
-/// what it weighs in steady state, a third of that share.
+/// what it weighs in steady state, a third of that share: on this machine still over one per
+/// cent (runs BP and BR, `bench/HISTORY.md`), for the plain relay at the same pace too, so p99
+/// then says that the broker's log stalls too long for the target at this pace, and the spread
+/// line's share of messages over 50 ms says by how much.
 const HALF_LOAD_SECONDS: f64 = 60.0;
 
 /// Phase 4b's small batches: about half load's size (20–25 messages in the full runs).

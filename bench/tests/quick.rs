@@ -55,6 +55,21 @@ fn quick_benchmark_runs_every_phase_and_prints_the_summary() {
         })
         .count();
     assert_eq!(spreads, 2, "the half load's tail spreads:\n{stdout}");
+    // The share of the gateway's messages over 50 ms agrees with its p99: over one per cent
+    // exactly when p99 is over 50 ms (away from the boundary, where rounding may part them).
+    let half_load = |has: &str, start: &str, end: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with("[4 half load]") && l.contains(has))
+            .and_then(|l| number_between(l, start, end))
+            .unwrap_or_else(|| panic!("the half load's {has:?} line:\n{stdout}"))
+    };
+    let p99 = half_load("paced at", "p99 ", " ms");
+    let share = half_load("of the messages", "over 50 ms, ", " %");
+    assert!(
+        (share < 0.9 && p99 <= 50.0) || (share > 1.1 && p99 > 50.0) || (0.9..=1.1).contains(&share),
+        "{share} % of the messages over 50 ms, and p99 {p99} ms:\n{stdout}"
+    );
     // The database path alone, with the hot insured known (4b) and the cold ones added (5b): a
     // line per batch size with its time per batch, and the fixed and per-message costs they imply.
     let mut per_message_at_200 = Vec::new();
