@@ -37,7 +37,7 @@ const LOW_TRAFFIC_RATE: f64 = 100.0;
 
 /// The full run's half load, in seconds: about one cycle of the broker's quorum-queue log at
 /// that pace on this machine (a roll-over every 512 MiB, about every 70 s at half load, each
-/// stalling confirms and deliveries for 100–300 ms). A 20-second phase, as the bench ran until the
+/// stalling confirms and deliveries for 100–640 ms). A 20-second phase, as the bench ran until the
 /// nineteenth pass, met one in about a third of the runs, and then the messages that waited out
 /// the stall were over one per cent of the phase's, so p99 was the stall's whatever the rest did:
 /// it read whether the dice had put a roll-over in the window. Over a cycle the roll-over weighs
