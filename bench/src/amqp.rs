@@ -214,21 +214,18 @@ impl Publisher {
                 }
                 None => count.min(k + GROUP as u64),
             };
-            let group: Vec<(Message, BasicProperties)> = (k..end)
+            // The properties apart from the messages, so that each publish takes its own
+            // (lapin wants them by value) while the bodies stay borrowed.
+            let (group, props): (Vec<Message>, Vec<BasicProperties>) = (k..end)
                 .map(|i| {
                     let m = make(i);
                     let props = self.properties(phase, &m);
                     (m, props)
                 })
-                .collect();
-            let publishes = group.iter().map(|(m, props)| {
-                self.channel.basic_publish(
-                    m.exchange,
-                    &m.routing_key,
-                    options,
-                    &m.body,
-                    props.clone(),
-                )
+                .unzip();
+            let publishes = group.iter().zip(props).map(|(m, props)| {
+                self.channel
+                    .basic_publish(m.exchange, &m.routing_key, options, &m.body, props)
             });
             let confirms = futures::future::try_join_all(publishes)
                 .await

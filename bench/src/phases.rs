@@ -799,7 +799,7 @@ async fn phases(
         sizes.one_to_one,
         scaled.per_second(),
         scaled.us_per_message(),
-        (scaled.us_per_message() / one.us_per_message() - 1.0) * 100.0,
+        change_percent(one.us_per_message(), scaled.us_per_message()),
         sizes.hot,
         got.quantile_ms(0.5),
         got.quantile_ms(0.99),
@@ -843,16 +843,16 @@ async fn phases(
         small_tables.per_message_us,
         hot = sizes.hot,
         batch = large_tables.large_batch,
-        growth = (large_tables.large_batch_per_message_us
-            / small_tables.large_batch_per_message_us
-            - 1.0)
-            * 100.0,
+        growth = change_percent(
+            small_tables.large_batch_per_message_us,
+            large_tables.large_batch_per_message_us
+        ),
         large = large_tables.large_batch_per_message_us,
         small = small_tables.large_batch_per_message_us,
-        code = (large_tables.large_batch_code_per_message_us
-            / small_tables.large_batch_code_per_message_us
-            - 1.0)
-            * 100.0,
+        code = change_percent(
+            small_tables.large_batch_code_per_message_us,
+            large_tables.large_batch_code_per_message_us
+        ),
     );
 
     // 6. Backlog.
@@ -949,7 +949,12 @@ async fn database_path(
 /// the relay's is the inverse of that multiple.
 fn relative_to_relay(before: f64, relay_before: f64, after: f64, relay_after: f64) -> f64 {
     let multiple = |gateway: f64, relay: f64| relay / gateway.max(1e-9);
-    (multiple(after, relay_after) / multiple(before, relay_before) - 1.0) * 100.0
+    change_percent(multiple(before, relay_before), multiple(after, relay_after))
+}
+
+/// How much `after` exceeds `before`, in per cent.
+fn change_percent(before: f64, after: f64) -> f64 {
+    (after / before - 1.0) * 100.0
 }
 
 /// The gateway's batch size (its default, or `TRIO_BATCH_SIZE` set for the bench). The plain
