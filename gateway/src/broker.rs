@@ -273,6 +273,19 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// One message for [`publish_confirmed`]: where it goes, its properties (moved into the publish)
+/// and its body (borrowed).
+pub struct Publish<'a> {
+    /// Exchange (`""` for a queue by name).
+    pub exchange: &'a str,
+    /// Routing key.
+    pub routing_key: &'a str,
+    /// AMQP properties.
+    pub properties: BasicProperties,
+    /// Body.
+    pub body: &'a [u8],
+}
+
 /// Publishes every message with `mandatory`, pipelined (all sent before any confirm is awaited),
 /// and returns how each was confirmed, in order.
 ///
@@ -280,19 +293,27 @@ pub fn unix_now() -> u64 {
 /// A channel or connection failure: none of the results can be trusted; publish again.
 pub async fn publish_confirmed(
     channel: &Channel,
-    messages: &[(String, String, BasicProperties, &[u8])],
+    messages: Vec<Publish<'_>>,
     limit: Duration,
 ) -> anyhow::Result<Vec<Published>> {
     let options = BasicPublishOptions {
         mandatory: true,
         ..Default::default()
     };
+    // lapin takes each message's properties; a returned message is told from the others by its
+    // id, so the ids are kept aside (one small string each, where a copy of the properties
+    // would be a header table and several strings).
+    let mut sent = Vec::with_capacity(messages.len());
     // Every publish is started before any is awaited: each pushes its frames to lapin's I/O
     // thread and waits until they are written, so awaiting them one by one would cost a
     // hand-over between threads per message; together they are written in one go.
-    let publishes = messages.iter().map(|(exchange, routing_key, props, body)| {
-        channel.basic_publish(exchange, routing_key, options, body, props.clone())
-    });
+    let publishes: Vec<_> = messages
+        .into_iter()
+        .map(|m| {
+            sent.push((m.exchange, m.routing_key, m.properties.message_id().clone()));
+            channel.basic_publish(m.exchange, m.routing_key, options, m.body, m.properties)
+        })
+        .collect();
     let pending = timed(
         limit,
         "basic.publish",
@@ -331,11 +352,9 @@ pub async fn publish_confirmed(
             .map(|(acked, _)| answered(acked))
             .collect());
     }
-    let sent: Vec<ReturnKey> = messages
+    let sent: Vec<ReturnKey> = sent
         .iter()
-        .map(|(exchange, routing_key, props, _)| {
-            return_key(exchange, routing_key, props.message_id().as_ref())
-        })
+        .map(|(exchange, routing_key, id)| return_key(exchange, routing_key, id.as_ref()))
         .collect();
     Ok(classify(&sent, answers))
 }

@@ -3,7 +3,7 @@
 //! confirm to `trio.dlx` before the original is acked. Where the message has a `message_id` and
 //! a `reply_to`, a `rejected` reply with the matching code goes out too.
 
-use crate::broker::{self, DEAD_LETTER_EXCHANGE, Published};
+use crate::broker::{self, DEAD_LETTER_EXCHANGE, Publish, Published};
 use crate::envelope::{DeadLetter, DeadReason};
 use anyhow::bail;
 use lapin::message::Delivery;
@@ -47,27 +47,35 @@ pub async fn publish(
     if letters.is_empty() {
         return Ok(());
     }
-    let mut messages: Vec<(String, String, BasicProperties, Vec<u8>)> = Vec::new();
-    for (queue, delivery, letter) in letters {
-        messages.push((
-            DEAD_LETTER_EXCHANGE.to_owned(),
-            queue.routing_key().to_owned(),
-            dead_letter_properties(delivery, *queue, letter),
-            delivery.data.clone(),
-        ));
-        if let Some(reply) = reply_for(delivery, letter) {
-            let props = broker::properties_of(&reply);
-            messages.push((reply.exchange, reply.routing_key, props, reply.body));
+    let replies: Vec<_> = letters
+        .iter()
+        .map(|(_, delivery, letter)| reply_for(delivery, letter))
+        .collect();
+    let mut messages = Vec::with_capacity(2 * letters.len());
+    for ((queue, delivery, letter), reply) in letters.iter().zip(&replies) {
+        messages.push(Publish {
+            exchange: DEAD_LETTER_EXCHANGE,
+            routing_key: queue.routing_key(),
+            properties: dead_letter_properties(delivery, *queue, letter),
+            body: &delivery.data,
+        });
+        if let Some(reply) = reply {
+            messages.push(Publish {
+                exchange: &reply.exchange,
+                routing_key: &reply.routing_key,
+                properties: broker::properties_of(reply),
+                body: &reply.body,
+            });
         }
     }
-    let borrowed: Vec<(String, String, BasicProperties, &[u8])> = messages
+    let dead_letters: Vec<bool> = messages
         .iter()
-        .map(|(e, r, p, b)| (e.clone(), r.clone(), p.clone(), b.as_slice()))
+        .map(|m| m.exchange == DEAD_LETTER_EXCHANGE)
         .collect();
-    let results = broker::publish_confirmed(channel, &borrowed, limit).await?;
-    for ((exchange, _, _, _), result) in messages.iter().zip(results) {
+    let results = broker::publish_confirmed(channel, messages, limit).await?;
+    for (dead_letter, result) in dead_letters.into_iter().zip(results) {
         // A returned reply only means the sender's reply queue is gone; a dead letter must land.
-        if exchange == DEAD_LETTER_EXCHANGE && result != Published::Confirmed {
+        if dead_letter && result != Published::Confirmed {
             bail!("dead letter not accepted by the broker ({result:?})");
         }
     }

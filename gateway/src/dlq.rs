@@ -14,7 +14,7 @@
 //! (its events and reply, same `message_id`s) in the outbox table, for the gateway's sweeper to
 //! publish again; a recipient that already had them can tell by their ids.
 
-use crate::broker::{self, INBOUND_EXCHANGE, Published};
+use crate::broker::{self, INBOUND_EXCHANGE, Publish, Published};
 use crate::config::Config;
 use crate::dead_letter::read_header;
 use crate::{relay, serve};
@@ -184,12 +184,12 @@ pub async fn replay(config: &Config, selection: &Selection) -> anyhow::Result<us
         let props = delivery.properties.clone().with_headers(headers);
         let results = broker::publish_confirmed(
             &publisher,
-            &[(
-                INBOUND_EXCHANGE.to_owned(),
-                info.queue.clone(),
-                props,
-                delivery.data.as_slice(),
-            )],
+            vec![Publish {
+                exchange: INBOUND_EXCHANGE,
+                routing_key: &info.queue,
+                properties: props,
+                body: &delivery.data,
+            }],
             config.broker_timeout,
         )
         .await?;

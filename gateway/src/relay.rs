@@ -17,7 +17,7 @@
 //! delete is late or lost is still claimed for 30 s, and then published again by a sweeper,
 //! with the same `message_id`.
 
-use crate::broker::{self, Published};
+use crate::broker::{self, Publish, Published};
 use crate::worker::backoff;
 use futures::TryFutureExt as _;
 use lapin::Channel;
@@ -327,18 +327,16 @@ async fn publish_round(
             ch
         }
     };
-    let messages: Vec<_> = round
+    let messages = round
         .iter()
-        .map(|m| {
-            (
-                m.exchange.clone(),
-                m.routing_key.clone(),
-                broker::properties_of(m),
-                m.body.as_slice(),
-            )
+        .map(|m| Publish {
+            exchange: &m.exchange,
+            routing_key: &m.routing_key,
+            properties: broker::properties_of(m),
+            body: &m.body,
         })
         .collect();
-    broker::publish_confirmed(&ch, &messages, deps.broker_timeout).await
+    broker::publish_confirmed(&ch, messages, deps.broker_timeout).await
 }
 
 /// The next ids to delete: the first round that arrives and every round that follows it within
