@@ -218,8 +218,9 @@ impl Publisher {
             // (lapin wants them by value) while the bodies stay borrowed.
             let (group, props): (Vec<Message>, Vec<BasicProperties>) = (k..end)
                 .map(|i| {
-                    let m = make(i);
-                    let props = self.properties(phase, &m);
+                    let mut m = make(i);
+                    let id = std::mem::take(&mut m.message_id);
+                    let props = self.properties(phase, id, m.message_type);
                     (m, props)
                 })
                 .unzip();
@@ -244,19 +245,25 @@ impl Publisher {
         Ok(start)
     }
 
-    /// A message's properties: persistent, `user_id`, its phase's `traceparent` stamped now.
-    fn properties(&self, phase: u8, m: &Message) -> BasicProperties {
+    /// A message's properties: its id and type, persistent, `user_id`, its phase's `traceparent`
+    /// stamped now.
+    fn properties(
+        &self,
+        phase: u8,
+        message_id: String,
+        message_type: Option<&'static str>,
+    ) -> BasicProperties {
         let mut headers = FieldTable::default();
         headers.insert(
             ShortString::from("traceparent"),
             AMQPValue::LongString(LongString::from(traceparent(phase, now_ns()))),
         );
         let mut props = BasicProperties::default()
-            .with_message_id(ShortString::from(m.message_id.clone()))
+            .with_message_id(ShortString::from(message_id))
             .with_user_id(ShortString::from(self.user.clone()))
             .with_delivery_mode(2)
             .with_headers(headers);
-        if let Some(t) = m.message_type {
+        if let Some(t) = message_type {
             props = props
                 .with_type(ShortString::from(t))
                 .with_content_type(ShortString::from("application/json"));
